@@ -247,6 +247,32 @@ class Collator:
         return batch
 
 
+class StepBatches:
+    """``batches(step)`` -> the collated batch number ``step``: a deterministic function of
+    ``(seed, step)``, so a resumed run sees exactly the batches an uninterrupted one would.
+
+    Items are drawn without replacement within an epoch (a fresh seeded permutation per epoch).
+    """
+
+    def __init__(self, dataset, collate: Collator, batch_size: int, seed: int = 0):
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty: nothing to draw batches from")
+        if not 1 <= batch_size <= len(dataset):
+            raise ValueError(f"batch_size must be in [1, len(dataset)={len(dataset)}], got {batch_size}")
+        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
+        self.per_epoch = len(dataset) // batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> dict:
+        epoch, k = divmod(int(step), self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        idx = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        self.collate.generator.manual_seed(self.seed * 1_000_003 + 7919 * int(step) + 1)
+        return self.collate([self.dataset[int(i)] for i in idx])
+
+
 def build_tokenizer(world: ShapeWorld, vocab_size: int = 256, directory=None, num_scenes: int = 2000):
     """A WordPiece tokenizer trained on the world's text; loaded from ``directory`` if saved there."""
     from pathlib import Path

@@ -59,6 +59,13 @@ def _caption(scene, rng: np.random.Generator) -> str:
     return f"there {verb} {count_phrase(n, shape)} and {count_phrase(len(objs), 'object')}"
 
 
+def full_description(scene) -> str:
+    """The canonical caption: every object, left to right, with its size, colour and shape.
+    Deterministic (no random template), so it is what retrieval is evaluated on."""
+    parts = [describe(o) for o in scene.objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def scene_captions(scene) -> tuple[str, ...]:
     """``captions_per_image`` captions; a ``caption_noise`` fraction comes from other scenes."""
     rng = scene.rng(_TEXT_STREAM)

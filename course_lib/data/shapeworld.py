@@ -219,6 +219,13 @@ class Scene:
 
         return scene_captions(self)
 
+    @property
+    def description(self) -> str:
+        """The canonical caption (all objects, left to right): ``"a large red circle and a small ..."``."""
+        from course_lib.data.language import full_description
+
+        return full_description(self)
+
     @cached_property
     def caption_is_noisy(self) -> tuple[bool, ...]:
         from course_lib.data.language import noisy_caption_flags

@@ -1,0 +1,139 @@
+"""Region features (OD-RF): one token per detected object.
+
+The detector-era models (ViLBERT, LXMERT, UNITER, VisualBERT, Unicoder-VL...) describe an image by
+its object boxes: RoIAlign pools a CNN feature vector inside each box, and the box's geometry is
+embedded beside it, because pooling alone forgets *where* the object is. The papers differ in the
+geometry vector and in how the two are combined (reference: RECIPES 2.10-2.12, the original code):
+
+=======  =====================================================  =========================================
+kind     geometry (coordinates divided by W or H)                combination
+=======  =====================================================  =========================================
+``5d``   ViLBERT, Unicoder-VL: x1, y1, x2, y2, area fraction     ``LN(W_f f + W_g g)``       (sum, then LN)
+``7d``   UNITER: x1, y1, x2, y2, w, h, w*h                       ``LN(LN(W_f f) + LN(W_g g))`` (LN each, sum)
+``4d``   LXMERT: x1, y1, x2, y2                                  ``(LN(W_f f) + LN(W_g g)) / 2`` (average)
+=======  =====================================================  =========================================
+
+UNITER adds a token-type embedding before its last LN; that belongs to the model, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from course_lib.features.roi_align import roi_align, validate_boxes
+from course_lib.utils import check_one_of
+
+
+@dataclass(frozen=True)
+class GeometryPreset:
+    size: int  # length of the geometry vector
+    combine: str  # "sum_then_norm" | "norm_each_then_sum" | "average_of_norms"
+    papers: str
+
+
+GEOMETRY = {
+    "5d": GeometryPreset(5, "sum_then_norm", "ViLBERT, Unicoder-VL"),
+    "7d": GeometryPreset(7, "norm_each_then_sum", "UNITER"),
+    "4d": GeometryPreset(4, "average_of_norms", "LXMERT"),
+}
+
+
+def box_geometry(boxes: torch.Tensor, image_size, kind: str = "5d") -> torch.Tensor:
+    """Pixel boxes ``(N, 4)`` ``(x1, y1, x2, y2)`` -> geometry vectors ``(N, G)``, ``G = 5, 7 or 4``.
+
+    image_size: ``H`` or ``(H, W)``. All coordinates are divided by the image width or height:
+    ``5d`` = (x1, y1, x2, y2, w*h), ``7d`` = (x1, y1, x2, y2, w, h, w*h), ``4d`` = (x1, y1, x2, y2).
+    """
+    check_one_of("kind", kind, GEOMETRY)
+    H, W = (image_size, image_size) if isinstance(image_size, (int, float)) else image_size
+    validate_boxes(boxes, (H, W))
+    scale = boxes.new_tensor([W, H, W, H])
+    corners = boxes / scale  # (N, 4) in [0, 1]
+    w = corners[:, 2] - corners[:, 0]  # (N,)
+    h = corners[:, 3] - corners[:, 1]  # (N,)
+    extra = {"4d": [], "5d": [w * h], "7d": [w, h, w * h]}[kind]
+    return torch.cat([corners, *[e[:, None] for e in extra]], dim=1)  # (N, G)
+
+
+class RegionTokens(NamedTuple):
+    tokens: torch.Tensor  # (B, Nmax, D) embedded regions, zeros at padding
+    mask: torch.Tensor  # (B, Nmax) bool, True for a real region
+    pooled: torch.Tensor  # (B, Nmax, C) RoIAlign features before projection (MRFR targets)
+    geometry: torch.Tensor  # (B, Nmax, G) geometry vectors
+
+
+class RegionFeatures(nn.Module):
+    """Images ``(B, 3, H, W)`` + boxes ``list[(N_i, 4)]`` (pixels) -> :class:`RegionTokens`.
+
+    The boxes may come from ground truth, ShapeWorld's simulated detector or a trained detector.
+    RoIAlign (``output_size`` bins, average-pooled) on ``backbone``'s map gives a ``C``-vector per
+    box; see the module docstring for how it is combined with the geometry. With
+    ``train_backbone=False`` the backbone is frozen in place (``requires_grad_(False)``, no
+    gradients, always in eval mode), as when the features come from a fixed detector, e.g.
+    ``RegionFeatures(trained_detector.backbone, dim, train_backbone=False)``.
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int, geometry: str = "5d", output_size: int = 7,
+                 train_backbone: bool = True, sampling_ratio: int = 2):
+        super().__init__()
+        check_one_of("geometry", geometry, GEOMETRY)
+        if not hasattr(backbone, "out_channels") or not hasattr(backbone, "stride"):
+            raise ValueError("backbone must have out_channels and stride attributes (e.g. SmallCNN)")
+        self.backbone, self.geometry, self.output_size = backbone, geometry, output_size
+        self.preset, self.sampling_ratio = GEOMETRY[geometry], sampling_ratio
+        self.feature_proj = nn.Linear(backbone.out_channels, dim)
+        self.geometry_proj = nn.Linear(self.preset.size, dim)
+        if self.preset.combine == "sum_then_norm":
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.feature_norm, self.geometry_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            if self.preset.combine == "norm_each_then_sum":
+                self.norm = nn.LayerNorm(dim)
+        self.train_backbone = train_backbone
+        self.backbone.requires_grad_(train_backbone)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    def combine(self, features: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """``(K, C)`` pooled features + ``(K, G)`` geometry -> ``(K, D)`` region embeddings."""
+        f, g = self.feature_proj(features), self.geometry_proj(geometry)
+        if self.preset.combine == "sum_then_norm":  # ViLBERT
+            return self.norm(f + g)
+        f, g = self.feature_norm(f), self.geometry_norm(g)
+        if self.preset.combine == "norm_each_then_sum":  # UNITER
+            return self.norm(f + g)
+        return (f + g) / 2  # LXMERT
+
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> RegionTokens:
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            feature_map = self.backbone(images)  # (B, C, h, w)
+        image_size = tuple(images.shape[-2:])
+        pooled = roi_align(feature_map, boxes, self.output_size, 1.0 / self.backbone.stride,
+                           self.sampling_ratio, aligned=True, image_size=image_size)  # (K, C, 7, 7)
+        pooled = pooled.mean(dim=(2, 3))  # (K, C)
+        all_boxes = torch.cat([b.to(pooled.dtype) for b in boxes])  # (K, 4)
+        geometry = box_geometry(all_boxes, image_size, self.geometry)  # (K, G)
+        tokens = self.combine(pooled, geometry)  # (K, D)
+        return RegionTokens(*pad_regions([len(b) for b in boxes], tokens, pooled, geometry))
+
+
+def pad_regions(counts: list[int], *flat: torch.Tensor):
+    """Split ``(K, F)`` tensors by ``counts`` and pad to ``(B, Nmax, F)``; returns the padded tensors
+    with the ``(B, Nmax)`` bool mask in second place."""
+    B, n_max = len(counts), max(counts, default=0)
+    counts_t = torch.tensor(counts, device=flat[0].device)
+    mask = torch.arange(n_max, device=flat[0].device)[None, :] < counts_t[:, None]  # (B, Nmax)
+    padded = []
+    for x in flat:
+        out = x.new_zeros(B, n_max, x.shape[-1])  # (B, Nmax, F)
+        out[mask] = x  # mask is row-major, like the concatenated boxes
+        padded.append(out)
+    return padded[0], mask, *padded[1:]
