@@ -200,6 +200,66 @@ def _start_state(out_dir: Path, prefix: str, resume: bool, config: dict) -> dict
     return manifest
 
 
+class _ShardSink:
+    """A ``wds.ShardWriter`` that renames complete shards and records them in the manifest.
+
+    Bookkeeping for resuming: each complete shard records ``consumed``, the number of input
+    items up to its last sample, and the skips among them; skips after the last written
+    sample (``tail``) belong to the next shard.
+    """
+
+    def __init__(self, out_dir: Path, prefix: str, manifest: dict, max_count: int, start_shard: int):
+        self.out_dir, self.prefix, self.manifest, self.max_count = out_dir, prefix, manifest, max_count
+        self.done = manifest["shards"]
+        self.first_shard = start_shard + len(self.done)
+        self.consumed_at_write = self.done[-1]["consumed"] if self.done else 0
+        self.span, self.tail = Counter(), Counter()
+        self.writer: wds.ShardWriter | None = None
+        self.written = 0
+
+    def skip(self, reason: str) -> None:
+        self.tail[reason] += 1
+
+    def write(self, encoded: dict, consumed: int) -> None:
+        if self.writer is None:  # opened lazily: no input, no empty shard
+            pattern = str(self.out_dir / f"{self.prefix}-%0{SHARD_DIGITS}d.tar{TMP_SUFFIX}")
+            self.writer = wds.ShardWriter(pattern, maxcount=self.max_count, post=self._complete,
+                                          start_shard=self.first_shard, verbose=0, encoder=False, mtime=TAR_MTIME)
+        self.writer.write(encoded)  # may complete the previous shard first (size limit)
+        self.span.update(self.tail)
+        self.tail.clear()
+        self.consumed_at_write = consumed
+        self.written += 1
+        if self.writer.count >= self.max_count:
+            self.writer.finish()  # complete it now, so a crash cannot cost a full shard
+
+    def _complete(self, tmp_name: str) -> None:
+        final = Path(tmp_name[: -len(TMP_SUFFIX)])
+        os.replace(tmp_name, final)
+        self.done.append({"name": final.name, "samples": self.writer.count, "bytes": final.stat().st_size,
+                          "consumed": self.consumed_at_write, "skipped": dict(self.span)})
+        self.span = Counter()
+        _save_manifest(self.out_dir, self.prefix, self.manifest)
+
+    def close(self) -> Counter:
+        """Complete the last shard; return the skip counts of the whole input."""
+        if self.writer is not None:
+            self.writer.close()
+        self.manifest["complete"] = True
+        _save_manifest(self.out_dir, self.prefix, self.manifest)
+        skipped = Counter()
+        for record in self.done:
+            skipped.update(record["skipped"])
+        return skipped + self.span + self.tail
+
+    def abandon(self) -> None:
+        """Close an interrupted shard's file without renaming it: it stays a ``.tmp``."""
+        if self.writer is not None and self.writer.tarstream is not None:
+            self.writer.post = None
+            self.writer.tarstream.close()
+            self.writer.tarstream = None
+
+
 def write_shards(
     samples: Iterable[dict | Callable[[], dict]],
     out_dir: str | Path,
@@ -234,86 +294,35 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"max_count": max_count, "start_shard": start_shard, **(config or {})}
     manifest = _start_state(out_dir, prefix, resume, config)
-    done = manifest["shards"]
-    resumed = len(done)
-    already = done[-1]["consumed"] if done else 0
-
-    state = {"writer": None, "consumed_at_write": already, "span": Counter()}
-    tail: Counter = Counter()  # skips after the last written sample
-
-    def shard_complete(tmp_name: str) -> None:
-        final = Path(tmp_name[: -len(TMP_SUFFIX)])
-        os.replace(tmp_name, final)
-        done.append({
-            "name": final.name,
-            "samples": state["writer"].count,
-            "bytes": final.stat().st_size,
-            "consumed": state["consumed_at_write"],
-            "skipped": dict(state["span"]),
-        })
-        state["span"] = Counter()
-        _save_manifest(out_dir, prefix, manifest)
-
-    def new_writer() -> wds.ShardWriter:
-        pattern = str(out_dir / f"{prefix}-%0{SHARD_DIGITS}d.tar{TMP_SUFFIX}")
-        return wds.ShardWriter(
-            pattern, maxcount=max_count, post=shard_complete, start_shard=start_shard + len(done),
-            verbose=0, encoder=False, mtime=TAR_MTIME,
-        )
-
-    written, consumed = 0, already
+    sink = _ShardSink(out_dir, prefix, manifest, max_count, start_shard)
+    resumed, already = len(sink.done), sink.consumed_at_write
+    consumed = already
     iterator = iter(samples)
     try:
         for _ in range(already):  # items covered by complete shards: not materialised again
             next(iterator)
-        for index, item in enumerate(iterator, start=already):
-            consumed = index + 1
+        for consumed, item in enumerate(iterator, start=already + 1):
             try:
                 sample = item() if callable(item) else item
             except SkipSample as skip:
-                tail[skip.reason] += 1
-                log.debug("skipped input item %d: %s", index, skip)
+                sink.skip(skip.reason)
+                log.debug("skipped input item %d: %s", consumed - 1, skip)
                 continue
-            encoded = encode_sample(sample, jpeg_quality)
-            if state["writer"] is None:
-                state["writer"] = new_writer()
-            state["writer"].write(encoded)  # may complete the previous shard first (size limit)
-            state["span"].update(tail)
-            tail.clear()
-            state["consumed_at_write"] = consumed
-            written += 1
-            if state["writer"].count >= max_count:
-                state["writer"].finish()  # complete it now, so a crash cannot cost a full shard
+            sink.write(encode_sample(sample, jpeg_quality), consumed)
     except StopIteration:
         raise ValueError(
             f"samples: resuming needs at least the {already} input items the kept shards cover; "
             f"the input is shorter (pass resume=False to start over)"
         ) from None
     except BaseException:
-        _abandon(state["writer"])  # the unfinished shard stays under its .tmp name
+        sink.abandon()
         raise
-    if state["writer"] is not None:
-        state["writer"].close()
-    skipped = Counter()
-    for record in done:
-        skipped.update(record["skipped"])
-    skipped.update(state["span"])
-    skipped.update(tail)
-    manifest["complete"] = True
-    _save_manifest(out_dir, prefix, manifest)
+    skipped = sink.close()
     return ShardSummary(
-        out_dir=out_dir, prefix=prefix, shards=[r["name"] for r in done],
-        samples=sum(r["samples"] for r in done), written=written, consumed=consumed,
+        out_dir=out_dir, prefix=prefix, shards=[r["name"] for r in sink.done],
+        samples=sum(r["samples"] for r in sink.done), written=sink.written, consumed=consumed,
         resumed_shards=resumed, skipped=dict(skipped),
     )
-
-
-def _abandon(writer: wds.ShardWriter | None) -> None:
-    """Close an interrupted writer's file without renaming it to its final name."""
-    if writer is not None and writer.tarstream is not None:
-        writer.post = None
-        writer.tarstream.close()
-        writer.tarstream = None
 
 
 # ----------------------------------------------------------------------------- reading

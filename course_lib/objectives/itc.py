@@ -126,7 +126,7 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(torch.exp(-self.logit_scale))
+        return float(torch.exp(-self.logit_scale.detach()))
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         _check_features(image_feats, text_feats)
