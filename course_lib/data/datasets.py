@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from course_lib.data.language import QUESTION_TYPES, answer_vocabulary, pair_statement
 from course_lib.data.shapeworld import ShapeWorld
 from course_lib.data.simulated_detector import DetectorConfig
+from course_lib.utils import check_one_of
 
 
 def images_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -56,10 +57,22 @@ class ShapeWorldDataset(Dataset):
 
 
 class ImageTextDataset(ShapeWorldDataset):
-    """Items: ``{"image": (3, H, W), "captions": tuple[str], "index": int}``."""
+    """Items: ``{"image": (3, H, W), "captions": tuple[str], "index": int}``.
+
+    ``captions="grammar"`` gives the scene's varied captions (some vague, some noisy when the world
+    has ``caption_noise``); ``"description"`` gives only the canonical full description, the
+    cleanest signal (what retrieval is evaluated on).
+    """
+
+    def __init__(self, world, split="train", size=1000, image_size=None, offset=0, captions="grammar"):
+        super().__init__(world, split, size, image_size, offset)
+        check_one_of("captions", captions, ("grammar", "description"))
+        self.captions = captions
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.image(i), "captions": self.scenes[i].captions, "index": i}
+        s = self.scenes[i]
+        caps = s.captions if self.captions == "grammar" else (s.description,)
+        return {"image": self.image(i), "captions": caps, "index": i}
 
 
 class RegionDataset(ShapeWorldDataset):
