@@ -3,6 +3,8 @@ widget's ``.value`` redraws, which is how the tests drive them)."""
 
 from __future__ import annotations
 
+import html
+
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
@@ -31,6 +33,7 @@ def scene_browser(world: ShapeWorld, max_index: int = 999) -> widgets.VBox:
     split = widgets.Dropdown(options=splits, value="train", description="split")
     size = widgets.Dropdown(options=[32, 64, 128, 224], value=64, description="pixels")
     out = widgets.Output()
+    info = widgets.HTML()  # the annotations, readable as .value (also outside a kernel)
 
     def redraw(_=None):
         scene = world.scene(index.value, split.value)
@@ -40,10 +43,10 @@ def scene_browser(world: ShapeWorld, max_index: int = 999) -> widgets.VBox:
             labels = [o.name for o in scene.objects]
             show_scene(world.render(scene, size.value), scene.boxes(size.value), labels, ax=ax)
             plt.show()
-            print(describe_scene(scene))
         plt.close(fig)
+        info.value = f"<pre>{html.escape(describe_scene(scene))}</pre>"
 
     for w in (index, split, size):
         w.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([index, split, size]), out])
+    return widgets.VBox([widgets.HBox([index, split, size]), out, info])
