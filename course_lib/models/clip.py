@@ -8,6 +8,12 @@ The figure of the paper, in code:
 
 The text tower is CLIP's: causal self-attention, the sentence embedding read at the end-of-text
 token (our ``[SEP]``, the last real token), then a linear projection.
+
+For pretraining at scale (``course_lib.pretrain``): ``set_grad_checkpointing()`` recomputes each
+transformer layer's activations during backward instead of storing them (less memory, about
+one more forward of compute), and ``forward(batch, embeddings_only=True)`` +
+``loss_from_embeddings`` let the training loop accumulate gradients over micro-batches while
+keeping the contrastive loss of the whole global batch (open_clip's ``--accum-freq``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from course_lib.features.cnn import SmallCNN
 from course_lib.features.patch import PatchEmbedding
@@ -56,12 +64,25 @@ class CLIPConfig:
         return apply_overrides(base, overrides)
 
 
+def run_encoder(encoder: TransformerEncoder, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                return_attention: bool = False, grad_checkpointing: bool = False):
+    """``encoder(x, key_mask)`` -> ``(hidden (B, N, D), maps)``; with ``grad_checkpointing`` (while
+    gradients are on and no attention map is asked for) each layer's activations are recomputed
+    in backward instead of stored (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
+    if not (grad_checkpointing and torch.is_grad_enabled() and not return_attention):
+        return encoder(x, key_mask=key_mask, return_attention=return_attention)
+    for layer in encoder.layers:
+        x, _ = checkpoint(layer, x, key_mask, use_reentrant=False)  # (B, N, D)
+    return encoder.final_norm(x), []
+
+
 class VisionTower(nn.Module):
     """Images (B, 3, H, W) -> tokens (B, N, D) and a pooled embedding (B, embed_dim)."""
 
     def __init__(self, c: CLIPConfig):
         super().__init__()
         self.kind = c.vision
+        self.grad_checkpointing = False  # recompute the ViT layers in backward (``CLIP.set_grad_checkpointing``)
         if c.vision == "vit":
             self.embed = PatchEmbedding(c.image_size, c.patch_size, c.vision_width)
             self.pre_norm = nn.LayerNorm(c.vision_width)  # CLIP's ln_pre
@@ -76,7 +97,7 @@ class VisionTower(nn.Module):
             grid = self.cnn(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
             return grid, self.proj(grid.mean(1)), []
         x = self.pre_norm(self.embed(images))  # (B, 1 + N, D)
-        x, maps = self.encoder(x, return_attention=return_attention)
+        x, maps = run_encoder(self.encoder, x, None, return_attention, self.grad_checkpointing)
         return x, self.proj(x[:, 0]), maps  # pooled at the class token
 
 
@@ -91,6 +112,7 @@ class TextTower(nn.Module):
                                           causal=True, norm_first=True, layer_norm_eps=1e-5)
         self.proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         self.context_length = c.context_length
+        self.grad_checkpointing = False  # recompute the layers in backward (``CLIP.set_grad_checkpointing``)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_attention: bool = False):
         check_shape("input_ids", input_ids, (None, None))
@@ -99,14 +121,18 @@ class TextTower(nn.Module):
         if length > self.context_length:
             raise ValueError(f"input_ids has {length} tokens; the context length is {self.context_length}")
         x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, L, D)
-        x, maps = self.encoder(x, key_mask=attention_mask.bool(), return_attention=return_attention)
+        x, maps = run_encoder(self.encoder, x, attention_mask.bool(), return_attention, self.grad_checkpointing)
         last = attention_mask.sum(1).long() - 1  # index of [SEP], CLIP's end-of-text token
         pooled = x[torch.arange(len(x)), last]  # (B, D)
         return x, self.proj(pooled), maps
 
 
 class CLIP(nn.Module):
-    """``forward(batch)`` with ``images``, ``input_ids``, ``attention_mask`` -> ``{"loss", "temperature"}``."""
+    """``forward(batch)`` with ``images``, ``input_ids``, ``attention_mask`` -> ``{"loss", "temperature"}``.
+
+    ``forward(batch, embeddings_only=True)`` -> ``{"image_emb": (B, E), "text_emb": (B, E)}``
+    (L2-normalised), to be scored by ``loss_from_embeddings``.
+    """
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -123,12 +149,36 @@ class CLIP(nn.Module):
         """(B, L), (B, L) -> (B, embed_dim), L2-normalised."""
         return F.normalize(self.text(input_ids, attention_mask)[1], dim=-1)
 
-    def forward(self, batch: dict) -> dict:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in both towers' transformer layers (open_clip's name)."""
+        if not isinstance(enable, bool):
+            raise ValueError(f"enable must be True or False, got {enable!r}")
+        self.visual.grad_checkpointing = enable
+        self.text.grad_checkpointing = enable
+
+    def forward(self, batch: dict, embeddings_only: bool = False) -> dict:
         if self.training:
             self.itc.clamp_()  # CLIP clamps 1/temperature at 100 after every step; before each is the same
         image_emb = self.encode_image(batch["images"])
         text_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])
-        return {"loss": self.itc(image_emb, text_emb), "temperature": self.itc.temperature}
+        if embeddings_only:
+            return {"image_emb": image_emb, "text_emb": text_emb}
+        return self.loss_from_embeddings(image_emb, text_emb)
+
+    def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                             learn_temperature: bool = True) -> dict:
+        """ITC loss of ``image_emb (B, E)`` against ``text_emb (B, E)`` -> ``{"loss", "temperature"}``.
+
+        ``learn_temperature=False`` scores with a detached temperature: gradient accumulation
+        over k micro-batches evaluates the global-batch loss k times and must differentiate it
+        with respect to the temperature once only.
+        """
+        if learn_temperature:
+            loss = self.itc(image_emb, text_emb)
+        else:
+            loss = functional_call(self.itc, {"logit_scale": self.itc.logit_scale.detach()}, (image_emb, text_emb))
+        # A tensor, not a float: reading it needs no host-device sync (and no graph break).
+        return {"loss": loss, "temperature": self.itc.logit_scale.detach().neg().exp()}
 
     @torch.no_grad()
     def similarity(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

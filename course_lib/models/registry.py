@@ -1,0 +1,42 @@
+"""Every system the pretraining command can build, by name: ``MODELS[name] = (config class, model class)``.
+
+    model = build_model("clip", "gpu-base", vision_layers=6)
+
+A config class has ``from_preset(preset, **overrides)`` (sizes from ``course_lib.presets``,
+type-checked overrides); a model class takes that config. Add a system by adding one line.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from course_lib.models.clip import CLIP, CLIPConfig
+
+
+class ModelEntry(NamedTuple):
+    config: type
+    model: type
+
+
+MODELS: dict[str, ModelEntry] = {
+    "clip": ModelEntry(CLIPConfig, CLIP),
+}
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The (config class, model class) registered as ``name``; an unknown name lists the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models are {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_config(name: str, preset: str = "cpu-tiny", **overrides):
+    """The config of model ``name`` at ``preset`` with ``overrides`` (unknown fields are errors)."""
+    return model_entry(name).config.from_preset(preset, **overrides)
+
+
+def build_model(name: str, preset: str = "cpu-tiny", **overrides) -> nn.Module:
+    """A freshly initialised model ``name`` at ``preset`` (e.g. ``"cpu-tiny"`` ... ``"gpu-base"``)."""
+    return model_entry(name).model(build_config(name, preset, **overrides))

@@ -1,0 +1,356 @@
+"""``python -m course_lib.pretrain``: the course's models at GPU scale, on one process or many.
+
+    python -m course_lib.pretrain --model=clip --preset=cpu-tiny --steps=100
+    torchrun --standalone --nproc_per_node 8 -m course_lib.pretrain --preset=gpu-base \\
+        --global_batch=2048 --micro_batch=256 --compile=True --num_workers=12 --steps=20000
+
+Every option is a field of :class:`PretrainConfig`; ``--key=value`` overrides it (the value's
+type must match, an unknown key is an error listing the valid ones); ``--model.<field>=value``
+overrides a field of the model's config (e.g. ``--model.vision_layers=6``).
+
+What it does, in nanoGPT's spirit: bf16 autocast on GPUs, fused attention (the model's
+``scaled_dot_product_attention`` path), optional ``torch.compile`` and activation
+checkpointing, fused AdamW with warmup + cosine decay, DDP under ``torchrun`` (the contrastive
+loss gathers features across processes with gradient), and gradient accumulation that keeps
+the global batch, and the loss, the same on any number of processes: a contrastive loss is not
+a sum over samples, so accumulation first embeds every micro-batch without gradient, then
+re-embeds one micro-batch at a time with gradient and scores it against the cached rest
+(open_clip's ``--accum-freq``; Gao et al. 2021, GradCache). Checkpoints are atomic and resume
+exactly. Progress lines print samples/s, peak memory and MFU (``course_lib.flops``).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from course_lib.checkpoint import load_checkpoint, save_checkpoint
+from course_lib.data.onthefly import (MicroBatchStream, ShapeWorldPairs, ShardBatches, SyntheticPairs,
+                                     shard_micro_batches)
+from course_lib.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag, cleanup,
+                                    init_distributed, wrap_ddp)
+from course_lib.flops import Throughput, device_name, model_flops_per_sample
+from course_lib.models.registry import build_config, model_entry
+from course_lib.presets import apply_overrides, get_preset
+from course_lib.train import History, TrainConfig, make_optimizer, move_to_device, warmup_cosine_schedule
+from course_lib.utils import check_one_of, count_parameters, seed_everything
+
+DATA_SOURCES = ("shapeworld", "shards", "synthetic")
+# A resumed run must agree with the checkpoint on these, or its losses would not continue the run's.
+SAME_RUN_FIELDS = ("model", "preset", "data", "data_path", "global_batch", "seed", "model_overrides")
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run. ``micro_batch=0`` means global_batch / processes (no accumulation);
+    ``max_seconds=0`` means no time limit (checked at log steps, then a checkpoint is saved);
+    ``tokenizer``: a directory holding a saved tokenizer, built there if missing (default
+    ``out_dir/tokenizer``); ``bf16``: autocast to bfloat16 on CUDA (CPUs compute in float32);
+    ``warmup``: linear warmup steps (at most ``steps``), then cosine decay to 0."""
+
+    model: str = "clip"
+    preset: str = "cpu-tiny"
+    data: str = "shapeworld"
+    data_path: str = ""
+    tokenizer: str = ""
+    global_batch: int = 64
+    micro_batch: int = 0
+    steps: int = 100
+    lr: float = 5e-4
+    warmup: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True
+    compile: bool = False
+    grad_checkpointing: bool = False
+    num_workers: int = 2
+    device: str = ""
+    out_dir: str = "runs/pretrain"
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_every: int = 10
+    seed: int = 0
+    max_seconds: float = 0.0
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_one_of("data", self.data, DATA_SOURCES)
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a dict of model config fields, got {self.model_overrides!r}")
+        get_preset(self.preset)
+        build_config(self.model, self.preset, **self.model_overrides)  # unknown model / field -> error
+        for name, low in (("global_batch", 1), ("micro_batch", 0), ("steps", 1), ("warmup", 0), ("num_workers", 0),
+                          ("checkpoint_every", 0), ("log_every", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "max_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.data == "shards" and not self.data_path:
+            raise ValueError("data='shards' needs data_path (a directory, glob or brace pattern of .tar shards)")
+
+
+def parse_args(argv: list[str]) -> PretrainConfig:
+    """``["--steps=10", "--model.vision_layers=1"]`` -> a checked :class:`PretrainConfig`."""
+    defaults, kinds = PretrainConfig(), {f.name: f for f in fields(PretrainConfig)}
+    overrides, model_overrides = {}, {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"arguments must look like --key=value, got {arg!r}; valid keys are {sorted(kinds)}")
+        key, raw = arg[2:].split("=", 1)
+        is_str = key in kinds and isinstance(getattr(defaults, key), str)
+        value = raw if is_str else _literal(raw)
+        if key.startswith("model."):
+            model_overrides[key[len("model."):]] = value
+        else:
+            overrides[key] = value
+    if model_overrides:
+        overrides["model_overrides"] = model_overrides
+    return apply_overrides(defaults, overrides)
+
+
+def _literal(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word is a string
+
+
+@dataclass
+class PretrainResult:
+    model: torch.nn.Module  # the plain model (no DDP / compile wrapper), on its device
+    history: History
+    flops_per_sample: float  # training FLOPs (3 x forward) per sample
+    samples_per_s: float | None  # steady state: after the first log interval (compilation, warm-up)
+
+
+def _tokenizer(config: PretrainConfig, vocab_size: int, info: DistInfo):
+    """Load the tokenizer from its directory; rank 0 trains it there first if it is missing."""
+    from course_lib.data.shapeworld import ShapeWorld
+    from course_lib.features.text import load_tokenizer, save_tokenizer, train_tokenizer
+
+    directory = Path(config.tokenizer or Path(config.out_dir) / "tokenizer")
+    if info.is_main and not (directory / "tokenizer.json").exists():
+        if config.data == "shards":  # learn the vocabulary of the shards' captions
+            from course_lib.data.shards import ShardDataset
+            reader = ShardDataset(config.data_path, decode="rgb", split_by_node=False, split_by_worker=False)
+            texts = [s["text"] for s, _ in zip(reader, range(5000)) if s["text"].strip()]
+        else:  # the world's vocabulary is small: 500 scenes cover it
+            texts = ShapeWorld(seed=config.seed).corpus(500)
+        save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size), directory)
+    barrier()
+    tokenizer = load_tokenizer(directory)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {directory} has {len(tokenizer)} tokens; the model's vocab_size is {vocab_size}")
+    return tokenizer
+
+
+def _micro_batches(config, mc, info: DistInfo, micro: int, accum: int, start_step: int):
+    """Endless iterator of this process's micro-batches, from optimizer step ``start_step`` on."""
+    workers = dict(num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
+                   persistent_workers=config.num_workers > 0, prefetch_factor=4 if config.num_workers else None)
+    if config.data == "synthetic":
+        make = SyntheticPairs(mc.image_size, mc.context_length, mc.vocab_size, config.seed)
+    if config.data == "shapeworld":
+        from course_lib.data.shapeworld import ShapeWorld
+        make = ShapeWorldPairs(ShapeWorld(image_size=mc.image_size, seed=config.seed),
+                               _tokenizer(config, mc.vocab_size, info), mc.context_length)
+    if config.data != "shards":
+        stream = MicroBatchStream(make, micro, accum, info.rank, info.world_size, start_step)
+        return iter(DataLoader(stream, batch_size=None, **workers))
+    from course_lib.data.shards import ShardDataset
+    shards = ShardDataset(config.data_path, image_size=mc.image_size, shuffle=1000, seed=config.seed)
+    collate = ShardBatches(_tokenizer(config, mc.vocab_size, info), mc.context_length)
+    return shard_micro_batches(shards, micro, collate, skip=start_step * accum, **workers)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Move to ``device``; uint8 images become float in [0, 1] there (4x less to copy)."""
+    batch = move_to_device(batch, device)
+    if batch["images"].dtype == torch.uint8:
+        batch["images"] = batch["images"].float().div_(255.0)
+    return batch
+
+
+def _accumulate(runner, raw, batches, autocast):
+    """Plain accumulation: backpropagate each micro-batch's loss / k (losses that are means over samples)."""
+    accum, total = len(batches), None
+    for m, batch in enumerate(batches):
+        with runner.no_sync() if m < accum - 1 and hasattr(runner, "no_sync") else nullcontext(), autocast():
+            out = runner(batch)
+            (out["loss"] / accum).backward()
+        scalars = {k: v.detach().float() / accum for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        total = scalars if total is None else {k: total[k] + v for k, v in scalars.items()}
+    return total
+
+
+def _accumulate_contrastive(runner, raw, batches, autocast):
+    """Exact global-batch contrastive gradient over k micro-batches (GradCache / open_clip accum_freq)."""
+    accum = len(batches)
+    with torch.no_grad(), autocast():
+        cached = [runner(batch, embeddings_only=True) for batch in batches]  # k x {name: (b, E)}
+    for m, batch in enumerate(batches):
+        with runner.no_sync() if m < accum - 1 and hasattr(runner, "no_sync") else nullcontext(), autocast():
+            fresh = runner(batch, embeddings_only=True)
+            embeddings = {k: torch.cat([c[k] for c in cached[:m]] + [fresh[k]] + [c[k] for c in cached[m + 1:]])
+                          for k in fresh}  # (k * b, E), only micro-batch m carries gradient
+            out = raw.loss_from_embeddings(**embeddings, learn_temperature=m == accum - 1)
+            out["loss"].backward()
+    return {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _flush(pending: list, history: History) -> None:
+    """Fetch the pending steps' scalars in one device sync, averaged over processes, into ``history``."""
+    if not pending:
+        return
+    names = [sorted(scalars) for _, _, scalars in pending]
+    flat = torch.stack([scalars[k] for (_, _, scalars), keys in zip(pending, names) for k in keys])
+    values = iter(all_reduce_mean(flat).tolist())
+    for (step, lr, _), keys in zip(pending, names):
+        record = {"step": step, "lr": lr, **{k: next(values) for k in keys}}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower lr or check the data")
+        history.append(record)
+    pending.clear()
+
+
+def _log(step: int, config: PretrainConfig, history: History, t: dict, device: torch.device) -> None:
+    memory = "peak mem" if device.type == "cuda" else "peak RSS"
+    util = "n/a" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+    print(f"step {step}/{config.steps} | loss {history.last():.4f} | lr {history.last('lr'):.2e} | "
+          f"{t['samples_per_s']:,.0f} samples/s | {t['ms_per_step']:.1f} ms/step | "
+          f"{memory} {t['memory_gib']:.2f} GiB | MFU {util}", flush=True)
+
+
+def pretrain(config: PretrainConfig, callback=None) -> PretrainResult:
+    """Run ``config`` (in a torchrun process group if launched by torchrun); ``callback(step, history)``
+    is called after every step, after that step's checkpoint."""
+    if not isinstance(config, PretrainConfig):
+        raise ValueError(f"config must be a PretrainConfig, got {type(config).__name__}")
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.device or None)
+    try:
+        return _pretrain(config, info, callback)
+    finally:
+        if owns_group:
+            cleanup()
+
+
+def _batch_plan(config: PretrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation) with micro_batch x accumulation x world_size = global_batch."""
+    micro = config.micro_batch or config.global_batch // world_size
+    accum = config.global_batch // max(1, micro * world_size)
+    if micro < 1 or accum * micro * world_size != config.global_batch:
+        raise ValueError(f"global_batch={config.global_batch} must be micro_batch={micro} x world_size="
+                         f"{world_size} x an integer number of accumulation steps")
+    return micro, accum
+
+
+def _resume(path: Path, config: PretrainConfig, model, optimizer, scheduler) -> tuple[int, History]:
+    state = load_checkpoint(path, model, optimizer, scheduler)  # RNG states included
+    saved = state["extra"]["config"]
+    for name in SAME_RUN_FIELDS:
+        if saved.get(name) != getattr(config, name):
+            raise ValueError(f"resume: {name}={getattr(config, name)!r} differs from {saved.get(name)!r} "
+                             f"in the checkpoint {path}; use another out_dir or resume=False")
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)  # this config's schedule (steps may differ)
+    return state["step"], History.from_dict(state["history"])
+
+
+def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResult:
+    device = info.device
+    micro, accum = _batch_plan(config, info.world_size)
+    seed_everything(config.seed)
+    if device.type == "cuda":  # float32 matmuls outside autocast may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    mc = build_config(config.model, config.preset, **config.model_overrides)
+    model = model_entry(config.model).model(mc)
+    if config.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"grad_checkpointing=True but model {config.model!r} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    optimizer = make_optimizer(model, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay))
+    scheduler = warmup_cosine_schedule(optimizer, min(config.warmup, config.steps), config.steps)
+    path, start, history = Path(config.out_dir) / "checkpoint.pt", 0, History()
+    if config.resume and path.is_file():
+        start, history = _resume(path, config, model, optimizer, scheduler)
+    batches = _micro_batches(config, mc, info, micro, accum, start)
+    example = next(batches)
+    batches = chain([example], batches)
+    flops = model_flops_per_sample(model, _to_device({k: v[:2] for k, v in example.items()}, device))
+    runner = wrap_ddp(torch.compile(model) if config.compile else model, info)
+    step_fn = _accumulate_contrastive if accum > 1 and hasattr(model, "loss_from_embeddings") else _accumulate
+    use_bf16 = config.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if info.is_main:
+        print(f"{config.model} @ {config.preset}: {count_parameters(model) / 1e6:.2f}M parameters, "
+              f"{flops / 1e9:.3f} GFLOPs/sample/step | {config.data} | global batch {config.global_batch} = "
+              f"{micro} x {accum} accumulation x {info.world_size} processes | {device_name(device)}, "
+              f"bf16={use_bf16}, compile={config.compile}, grad_checkpointing={config.grad_checkpointing}")
+    pending, meter = [], Throughput(config.global_batch, flops, device, info.world_size, start)
+    for step in range(start + 1, config.steps + 1):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)  # at the start: the last step's gradients stay inspectable
+        scalars = step_fn(runner, model, [_to_device(next(batches), device) for _ in range(accum)], autocast)
+        if config.grad_clip:
+            scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).float()
+        pending.append((step, optimizer.param_groups[0]["lr"], scalars))
+        optimizer.step()
+        scheduler.step()
+        stop, last = False, step == config.steps
+        if step % config.log_every == 0 or last:
+            _flush(pending, history)
+            timing = meter.tick(step)
+            if info.is_main:
+                _log(step, config, history, timing, device)
+            stop = broadcast_flag(bool(config.max_seconds) and timing["elapsed_s"] > config.max_seconds, device)
+        save = stop or last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        if save or callback is not None:
+            _flush(pending, history)
+        if save:
+            if info.is_main:
+                save_checkpoint(path, model, optimizer, scheduler, step=step, history=history,
+                                extra={"config": asdict(config), "world_size": info.world_size})
+            barrier()
+        if callback is not None:
+            callback(step, history)
+        if stop:
+            if info.is_main:
+                print(f"max_seconds={config.max_seconds} reached: stopped at step {step}; continue with --resume=True")
+            break
+    if meter.steady_samples_per_s is not None and info.is_main:
+        print(f"steady state: {meter.steady_samples_per_s:,.0f} samples/s")
+    return PretrainResult(model, history, flops, meter.steady_samples_per_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("\n\n")[1] + "\n\noptions (--key=value):")
+        for f in fields(PretrainConfig):
+            print(f"  --{f.name}={getattr(PretrainConfig(), f.name)!r}")
+        print("  --model.<field>=value   a field of the model's config, e.g. --model.vision_layers=6")
+        return
+    try:
+        config = parse_args(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    pretrain(config)
+
+
+if __name__ == "__main__":
+    main()
