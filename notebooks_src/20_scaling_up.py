@@ -42,7 +42,7 @@ from course_lib.utils import count_parameters, seed_everything
 
 seed_everything(0, threads=2)
 RUN = {
-    "cpu": dict(preset="cpu-tiny", steps=300, global_batch=64, lr=3e-3, warmup=30, num_workers=1, compile=False,
+    "cpu": dict(preset="cpu-tiny", steps=250, global_batch=64, lr=3e-3, warmup=25, num_workers=0, compile=False,
                 log_every=50, eval_scenes=1000),
     "gpu": dict(preset="gpu-small", steps=5000, global_batch=512, lr=5e-4, warmup=500, num_workers=8, compile=True,
                 log_every=250, eval_scenes=1000),
@@ -92,7 +92,8 @@ def clip_forward_flops(size) -> tuple[int, int]:
     return image, text
 
 
-print("gpu-base by hand: image %.2f + text %.2f GFLOPs" % tuple(f / 1e9 for f in clip_forward_flops(PRESETS["gpu-base"])))
+image_by_hand, text_by_hand = clip_forward_flops(PRESETS["gpu-base"])
+print(f"gpu-base by hand: image {image_by_hand / 1e9:.2f} + text {text_by_hand / 1e9:.2f} GFLOPs")
 
 # %% [markdown]
 # Now let PyTorch count. `course_lib.flops.count_forward_flops` runs one forward pass under
@@ -117,8 +118,8 @@ for name, size in PRESETS.items():
                count_forward_flops(clip.text, (tokens, torch.ones_like(tokens))))
     torch.testing.assert_close(counted, clip_forward_flops(size), rtol=0, atol=0)  # exact integers
     forward_flops[name] = counted
-    towers = f"{size.vision_width}x{size.vision_layers}"
-    print(f"{name:>9} {size.image_size:>4}px {towers:>8} {size.text_width}x{size.text_layers:<4} "
+    vision, text = f"{size.vision_width}x{size.vision_layers}", f"{size.text_width}x{size.text_layers}"
+    print(f"{name:>9} {size.image_size:>4}px {vision:>8} {text:>8} "
           f"{count_parameters(clip) / 1e6:>8.2f}M {sum(counted) / 1e9:>10.3f} = {counted[0] / 1e9:.3f} + "
           f"{counted[1] / 1e9:.3f}")
 base_parameter_tensors = len(list(clip.parameters()))  # gpu-base, used in section 3.4
@@ -137,10 +138,10 @@ print(f"gpu-base: {image_gflops:.1f} + {text_gflops:.1f} = {image_gflops + text_
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3))
-names = list(forward_flops)
-ax.bar(names, [forward_flops[n][0] / 1e9 for n in names], label="image tower")
-ax.bar(names, [forward_flops[n][1] / 1e9 for n in names], bottom=[forward_flops[n][0] / 1e9 for n in names],
-       label="text tower")
+positions = torch.arange(len(forward_flops)).float()
+for shift, (tower, label) in zip((-0.2, 0.2), enumerate(("image tower", "text tower"))):
+    ax.bar(positions + shift, [flops[tower] / 1e9 for flops in forward_flops.values()], width=0.4, label=label)
+ax.set_xticks(positions, list(forward_flops))
 ax.set_yscale("log")
 ax.set_ylabel("forward GFLOPs / sample")
 ax.set_title("the same CLIP at four sizes")
@@ -152,10 +153,11 @@ plt.show()
 #
 # `course_lib.pretrain` is the script a GPU job runs (`python -m course_lib.pretrain --preset=...`);
 # here we call its Python entry point with the same configuration. Data come from ShapeWorld,
-# rendered on the fly in a DataLoader worker: sample $i$ of the stream is training scene $i$ with one
+# rendered on the fly (by DataLoader worker processes on a GPU machine; here in the main process,
+# as both CPU cores are busy with the model): sample $i$ of the stream is training scene $i$ with one
 # of its captions, so the run is the same with any number of workers or GPUs. One progress line
 # every `log_every` steps reports the loss, the throughput, peak memory and MFU (which a CPU cannot
-# report: section 4 explains why).
+# report: section 5 explains why).
 
 # %%
 from course_lib.pretrain import PretrainConfig, pretrain
@@ -166,7 +168,8 @@ config = PretrainConfig(model="clip", preset=RUN["preset"], data="shapeworld", s
                         out_dir=str(WORKDIR / "run"), seed=0)
 started = time.perf_counter()
 result = pretrain(config)
-print(f"trained in {time.perf_counter() - started:.0f} s")
+train_seconds = time.perf_counter() - started
+print(f"trained in {train_seconds:.0f} s")
 
 # %% [markdown]
 # ### Did it learn?
@@ -197,7 +200,8 @@ assert final_loss < 0.8 * chance_loss, f"loss {final_loss:.2f} is too close to c
 # - **retrieval**: embed 1,000 validation images and their full descriptions ("a large red circle and
 #   a small blue square"), and for each image rank the 1,000 descriptions; a hit is a top-ranked
 #   description equal to the image's own (two scenes can share one). The model never saw these
-#   exact sentences: training captions name the objects *or* their sizes *or* a relation *or* a count.
+#   exact sentences: training captions list the objects (with or without their sizes), or state one
+#   relation, or count.
 # - **zero-shot classification** (CLIP's party trick): for the single-object scenes, write each of the
 #   18 (colour, shape) classes as a prompt, "there is a red circle", and pick the closest.
 
@@ -248,9 +252,10 @@ assert zero_shot > ZERO_SHOT_THRESHOLD, f"zero-shot {zero_shot:.3f} too close to
 
 # %% [markdown]
 # What the model ranks first: for four held-out images, the two descriptions it scores highest
-# (✓ = the image's own). Its mistakes are informative: the right colours with a wrong shape, or the
-# right objects with a wrong size. Sizes appear in only some training captions, so they are learned
-# last; a longer run (the `"gpu"` scale) learns them too.
+# (✓ = the image's own). Most of its mistakes are near misses: the right colours with one wrong
+# shape, a wrong size, or one object too many or too few. Sizes appear in only some training
+# captions, so they are learned last; this is what more steps and a bigger model (the `"gpu"` scale)
+# are for.
 
 # %%
 from course_lib.viz import show_image
@@ -285,7 +290,8 @@ plt.show()
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     info = torch.finfo(dtype)
     print(f"{str(dtype):>15}: eps {info.eps:.1e}, max {info.max:.1e}, smallest normal {info.tiny:.1e}")
-print("70,000 as float16:", torch.tensor(70000.0).half().item(), "| as bfloat16:", torch.tensor(70000.0).bfloat16().item())
+big = torch.tensor(70000.0)
+print("70,000 as float16:", big.half().item(), "| as bfloat16:", big.bfloat16().item())
 print("1e-6 squared, float16:", (torch.tensor(1e-6).half() ** 2).item(), "| bfloat16:",
       f"{(torch.tensor(1e-6).bfloat16() ** 2).item():.2e}")
 
@@ -301,10 +307,11 @@ from course_lib.data.onthefly import ShapeWorldPairs
 pairs = ShapeWorldPairs(world, tokenizer, model.config.context_length)
 batch = pairs(range(32))  # 32 training pairs, images uint8 (B, 3, H, W)
 batch = {**batch, "images": batch["images"].float().div(255)}
+batch = {key: value.to(device) for key, value in batch.items()}
 with torch.no_grad():
     loss_fp32 = model(batch)["loss"]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        projected = model.visual.proj(torch.randn(2, model.config.vision_width))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        projected = model.visual.proj(torch.randn(2, model.config.vision_width, device=device))
         loss_bf16 = model(batch)["loss"]
 print(f"a linear layer's output under autocast: {projected.dtype}; the loss: {loss_bf16.dtype}")
 print(f"loss float32 {loss_fp32.item():.4f}, under bf16 autocast {loss_bf16.item():.4f}")
@@ -358,8 +365,9 @@ print(f"gpu-base, batch 256: the explicit path stores {scores_gib:.2f} GiB of at
       f"{12 * scores_gib:.1f} GiB over the 12 image layers; the fused path none")
 
 # %% [markdown]
-# On a CPU at this size the two are close (CPU caches are large next to a 65 x 65 matrix); on a
-# GPU the saved memory traffic is the point, and the saved memory lets a bigger batch fit. The
+# On a CPU at this size the fused kernel buys little or nothing, and can even be slower: a 65 x 65
+# score matrix sits in the CPU's cache anyway. On a GPU the saved memory traffic is the point, and
+# the saved memory lets a bigger batch fit. The
 # library's attention does exactly this: `course_lib.nn.MultiHeadAttention` takes the fused path,
 # unless you ask for the attention map (to plot it), which only the explicit path can give. Both
 # give the same output:
@@ -416,8 +424,8 @@ def adamw_step(params, states, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weig
             p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
 
 
-ours = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
-theirs = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+ours = [torch.nn.Parameter(p.detach().cpu().clone()) for p in model.parameters()]
+theirs = [torch.nn.Parameter(p.detach().cpu().clone()) for p in model.parameters()]
 fused = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.1, fused=True)
 states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in ours]
 for step in range(1, 4):
@@ -436,7 +444,7 @@ print(f"our AdamW == torch's fused AdamW after 3 steps on the model's {len(ours)
 
 # %%
 def timed_optimizer(**kind) -> float:
-    params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    params = [torch.nn.Parameter(p.detach().cpu().clone()) for p in model.parameters()]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     optimizer = torch.optim.AdamW(params, lr=1e-3, **kind)
@@ -673,8 +681,9 @@ print(f"{GPU_RUN['steps']:,} steps x {GPU_RUN['global_batch']:,} samples = "
 # so our run printed "MFU n/a". Its achieved rate is still worth reading:
 
 # %%
-achieved = result.samples_per_s * result.flops_per_sample if result.samples_per_s else float("nan")
-print(f"{config.preset} on this machine: {result.samples_per_s:.0f} samples/s x "
+rate = result.samples_per_s or config.steps * config.global_batch / train_seconds  # steady state, else overall
+achieved = rate * result.flops_per_sample
+print(f"{config.preset} on this machine: {rate:.0f} samples/s x "
       f"{result.flops_per_sample / 1e9:.3f} GFLOPs = {achieved / 1e9:.1f} GFLOP/s "
       f"(an H100 at 31% MFU: about 300,000 GFLOP/s)")
 
@@ -700,7 +709,8 @@ pixels = world.render_batch(shard_scenes, 64)  # (48, 64, 64, 3) uint8
 samples = ({"__key__": f"val{i:06d}", "jpg": pixels[i], "txt": scene.description, "json": scene.scene_graph}
            for i, scene in enumerate(shard_scenes))
 summary = write_shards(samples, WORKDIR / "shards", prefix="shapeworld-val", max_count=16)
-print(f"{len(summary.shards)} shards, {summary.samples} samples:", sorted(p.name for p in (WORKDIR / "shards").iterdir()))
+print(f"{len(summary.shards)} shards, {summary.samples} samples:",
+      sorted(path.name for path in (WORKDIR / "shards").iterdir()))
 
 stream = ShardDataset(WORKDIR / "shards")
 read_back = list(stream)

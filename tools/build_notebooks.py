@@ -82,7 +82,7 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> float:
     from nbclient import NotebookClient
 
     start = time.perf_counter()
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                    skip_cells_with_tag="skip-execution").execute()
     return time.perf_counter() - start
 
@@ -102,7 +102,12 @@ def main() -> int:
             nb = build(cells, solutions)
             folder.mkdir(exist_ok=True)
             if not args.no_execute:
-                seconds = execute(nb, folder)
+                try:
+                    seconds = execute(nb, folder)
+                except Exception:
+                    nbformat.write(nb, Path("/tmp") / f"FAILED_{folder.name}_{src.stem}.ipynb")
+                    print(f"failed: the partly executed notebook is in /tmp/FAILED_{folder.name}_{src.stem}.ipynb")
+                    raise
                 print(f"{folder.name}/{src.stem}.ipynb executed in {seconds:.1f} s")
             nbformat.write(nb, folder / f"{src.stem}.ipynb")
     return 0
