@@ -9,6 +9,8 @@ cd "$(dirname "$0")"
 
 VENV="${COURSE_VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made steps 10x slower.
+export OMP_WAIT_POLICY=PASSIVE
 
 find_python() {
   for candidate in "${PYTHON:-}" python3.11 python3 python; do

@@ -365,9 +365,10 @@ print(f"gpu-base, batch 256: the explicit path stores {scores_gib:.2f} GiB of at
       f"{12 * scores_gib:.1f} GiB over the 12 image layers; the fused path none")
 
 # %% [markdown]
-# On a CPU at this size the fused kernel buys little or nothing, and can even be slower: a 65 x 65
-# score matrix sits in the CPU's cache anyway. On a GPU the saved memory traffic is the point, and
-# the saved memory lets a bigger batch fit. The
+# On a CPU at this size the gain is modest and varies from run to run (we measured the fused
+# kernel anywhere from twice as fast to slower on a busy machine): a 65 x 65 score matrix sits in
+# the CPU's cache anyway. On a GPU the saved memory traffic is the point, and the saved memory lets a
+# bigger batch fit. The
 # library's attention does exactly this: `course_lib.nn.MultiHeadAttention` takes the fused path,
 # unless you ask for the attention map (to plot it), which only the explicit path can give. Both
 # give the same output:
