@@ -548,7 +548,8 @@ for h in range(RUN["heads"]):
           f"{lookup[h] / len(color_rows):.2f}")
 
 # %% [markdown]
-# Now the maps themselves, for one held-out input of each kind. Rows are the question's tokens
+# Now the maps themselves, for one held-out input of each kind (the first, about three objects, that
+# the model answers correctly). Rows are the question's tokens
 # (the queries whose outputs are averaged into the answer), columns are all the tokens of the
 # input. Look for the bright cell where the question's word meets the same word in the
 # description: the shape word for a colour question, the colour word for a shape question, and
@@ -569,18 +570,37 @@ def question_maps(index, layer, axes):
                                 f"true '{ANSWERS[val_items[index][2]]}'")
 
 
-def several_objects(kind):
-    return next(i for i, it in enumerate(val_items) if it[3] == QUESTION_TYPES.index(kind) and it[0].count(",") >= 1)
+def answered_right(kind):
+    """The first held-out question of this kind, about a scene of 3 objects, that the model gets right."""
+    return next(i for i, it in enumerate(val_items) if it[3] == QUESTION_TYPES.index(kind)
+                and it[0].count(",") == 1 and predicted[i] == answers[i])
 
 
 fig, axes = plt.subplots(3, RUN["heads"], figsize=(7 * RUN["heads"], 10), squeeze=False)
 for row, kind in enumerate(("color", "shape", "count")):
-    question_maps(several_objects(kind), layer=1, axes=axes[row])
+    question_maps(answered_right(kind), layer=1, axes=axes[row])
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# PLACEHOLDER
+# What to read in these maps:
+#
+# - attention after training is **sharp**: most rows put nearly all their weight on one or two
+#   tokens, where the untrained maps of section 5 were flat;
+# - the two heads read **different** words for the same query: one head often parks on a single
+#   word (a colour or shape word of the description, or a separator), the other spreads over the
+#   content words that the question is about;
+# - in the count question, the plural ("circles") reads the matching shape word of the
+#   description: counting is finding every match, the easiest of the four types (accuracy near 1);
+# - the colour and shape questions need the *pairing* of words in the description, which only word
+#   order gives. They are the last to be learned: the learning curve flattens at about 0.8 on
+#   them within the CPU budget (over three seeds we measured 0.81-0.94 on colour and 0.77-0.91 on
+#   shape, against 0.95-0.97 on exist and 1.00 on count). Train longer (or `SCALE = "gpu"`) and they
+#   keep rising.
+#
+# Attention maps are a view of *where information flows*, not a full explanation: a value read
+# in layer 2 is itself a mixture made in layer 1, and the classifier sees the average of all the
+# question's outputs.
 
 # %% [markdown]
 # ## Exercises

@@ -20,6 +20,7 @@ Usage::
     python tools/build_notebooks.py               # build every notebook, executed (outputs stored)
     python tools/build_notebooks.py 01 02         # only these
     python tools/build_notebooks.py --no-execute  # structure only
+    python tools/build_notebooks.py 00 --only-folder solutions
 
 Executed notebooks keep their outputs: nbval compares the cells marked ``# NBVAL_CHECK_OUTPUT``
 against them, and readers see the figures without running anything.
@@ -91,6 +92,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Build notebooks/ and solutions/ from notebooks_src/.")
     parser.add_argument("only", nargs="*", help="notebook number prefixes, e.g. 01 02")
     parser.add_argument("--no-execute", action="store_true")
+    parser.add_argument("--only-folder", choices=("notebooks", "solutions"),
+                        help="build only the student notebooks or only the solutions")
     args = parser.parse_args()
     sources = sorted(p for p in SRC.glob("*.py") if not args.only or p.name[:2] in args.only)
     if not sources:
@@ -99,6 +102,8 @@ def main() -> int:
     for src in sources:
         cells = parse(src.read_text())
         for solutions, folder in ((False, STUDENT), (True, SOLUTION)):
+            if args.only_folder and folder.name != args.only_folder:
+                continue
             nb = build(cells, solutions)
             folder.mkdir(exist_ok=True)
             if not args.no_execute:
