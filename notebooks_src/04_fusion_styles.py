@@ -23,24 +23,25 @@
 # retrieval systems use two towers.
 #
 # **Where this sits in the course.** The three questions of every VLP model: **1. features** (notebooks
-# 02-03: text, image and video tokens), **2. fusion** - where and how do the modalities interact? -
-# this notebook, and **3. objectives** (notebook 05 on: MLM, ITM, ITC, ...). ITM is the simplest
-# objective that *needs* fusion: neither the caption alone nor the image alone says anything about
-# whether they match.
+# 01 and 03: text, image and video tokens), **2. fusion** - where and how do the modalities interact? -
+# this notebook, built from the attention layers of notebook 02, and **3. objectives** (notebook 05 on:
+# MLM, ITM, ITC, ...). ITM is the simplest objective that *needs* fusion: neither the caption alone
+# nor the image alone says anything about whether they match.
 
 # %% [parameters]
 SCALE = "cpu"  # "cpu": the cpu-tiny preset, about a minute; "gpu": bigger model, longer run
 
 # %%
 RUN = {
-    "cpu": dict(dim=64, heads=4, layers=1, mlp_ratio=2.0, patch=8, steps=200, batch_size=64, lr=2e-3,
-                train_scenes=3000, val_scenes=500),
-    "gpu": dict(dim=256, heads=8, layers=4, mlp_ratio=4.0, patch=4, steps=3000, batch_size=128, lr=5e-4,
-                train_scenes=50000, val_scenes=2000),
+    "cpu": dict(dim=64, heads=4, layers=1, mlp_ratio=2.0, patch=8, align_steps=100, steps=160, batch_size=64,
+                lr=2e-3, train_scenes=3000, val_scenes=500),
+    "gpu": dict(dim=256, heads=8, layers=4, mlp_ratio=4.0, patch=4, align_steps=500, steps=3000, batch_size=128,
+                lr=5e-4, train_scenes=50000, val_scenes=2000),
 }[SCALE]
 RUN
 
 # %%
+import copy
 import math
 import time
 
@@ -141,7 +142,7 @@ fig.tight_layout()
 # returns contextualised tokens, a pooled summary and, on request, the attention maps. So the rest of the
 # model is the same for all eight:
 #
-# - text: `TextEmbeddings` (word + position + type, notebook 02);
+# - text: `TextEmbeddings` (word + position + type, notebook 01);
 # - image: `PatchEmbedding` (notebook 03), $8 \times 8$ patches of the normalised image plus a [CLS] token;
 # - a matching head on the pooled output: a linear layer giving one logit, trained with binary
 #   cross-entropy.
@@ -154,7 +155,8 @@ fig.tight_layout()
 #
 # **Making ITM learnable in a few seconds.** ITM from scratch is a hard start: at initialisation the
 # matching signal is a *product* of a text feature and an image feature, both tiny, so the loss sits on
-# its $\ln 2$ plateau (a constant guess) for thousands of steps. Two fixes, the same for every style:
+# its $\ln 2$ plateau (a constant guess): with BERT's initialisation and nothing else, our models made no
+# progress in 600 steps. Two fixes, the same for every style:
 #
 # - the fusion layers are initialised with standard deviation $0.8/\sqrt{D}$ instead of BERT's 0.02.
 #   BERT's value is tuned for $D = 768$ (where $0.8/\sqrt{768} \approx 0.03$); at $D = 64$ it makes
@@ -163,7 +165,8 @@ fig.tight_layout()
 #   mean patch token towards the mean token of its own caption and away from the other captions of the
 #   batch. It trains only the inputs of the fusion (word and patch embeddings), gets a strong gradient
 #   from step one (a $B$-way choice instead of a yes/no), and hands the fusion layers tokens in which
-#   "red" and red patches already point the same way. The loss below is ITM + ITC; we report ITM.
+#   "red" and red patches already point the same way. We run it alone first (step 1 below), then keep
+#   it on while each style trains: the loss is ITM + ITC, and we report ITM.
 
 # %%
 D = RUN["dim"]
@@ -171,6 +174,31 @@ COMMON = dict(dim=D, num_heads=RUN["heads"], num_layers=RUN["layers"], mlp_ratio
 STYLE_OPTIONS = {name: dict(COMMON) for name in FUSION_STYLES}
 STYLE_OPTIONS["single_stream"]["text_positions"] = False  # TextEmbeddings already added positions
 INIT_STD = 0.8 / math.sqrt(D)
+
+
+class Inputs(nn.Module):
+    """The extractors every style shares: caption ids ``(B, Lt)`` -> text tokens ``(B, Lt, D)``,
+    images ``(B, 3, 32, 32)`` -> [CLS] + patch tokens ``(B, 1 + 16, D)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_embeddings = TextEmbeddings(len(tokenizer), D, max_positions=32)
+        self.patch_embeddings = PatchEmbedding(32, RUN["patch"], D)
+
+    def forward(self, input_ids, images):
+        return self.text_embeddings(input_ids), self.patch_embeddings(images)
+
+    def align_loss(self, batch: dict, temperature: float = 0.1) -> torch.Tensor:
+        """Symmetric InfoNCE (ITC) between each image's mean patch token and the mean token of its own
+        caption, against the other captions of the batch; images that share a caption are all positives."""
+        text, image = self(batch["own_ids"], batch["images"])  # (B, Lt, D), (B, 1 + P, D)
+        mask = batch["own_mask"].float()[..., None]  # (B, Lt, 1)
+        text = (text * mask).sum(1) / mask.sum(1)  # (B, D) mean over real tokens
+        image = image[:, 1:].mean(1)  # (B, D) mean over patches, without [CLS]
+        sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / temperature  # (B, B)
+        targets = batch["same_caption"].float()
+        targets = targets / targets.sum(1, keepdim=True)  # each row sums to 1
+        return (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
 
 
 class CosineScore(nn.Module):
@@ -187,53 +215,54 @@ class CosineScore(nn.Module):
 
 
 class ITMModel(nn.Module):
-    """Caption ids ``(B, L)`` + images ``(B, 3, 32, 32)`` -> one matching logit per pair ``(B,)``,
-    with the fusion style ``style`` in the middle."""
+    """Caption ids + images -> one matching logit per pair ``(B,)``, with the fusion style ``style`` in the
+    middle; starts from a copy of the (aligned) shared ``inputs``."""
 
-    def __init__(self, style: str):
+    def __init__(self, style: str, inputs: Inputs):
         super().__init__()
         self.style = style
-        self.text_embeddings = TextEmbeddings(len(tokenizer), D, max_positions=32)
-        self.patch_embeddings = PatchEmbedding(32, RUN["patch"], D)  # (B, 1 + 16, D) at 8 px patches
+        self.inputs = copy.deepcopy(inputs)
         self.fusion = init_weights(build_fusion(style, **STYLE_OPTIONS[style]), std=INIT_STD)
         self.head = CosineScore() if style == "two_tower" else nn.Linear(D, 1)
 
     def forward(self, batch: dict, return_attention: bool = False):
-        text = self.text_embeddings(batch["input_ids"])  # (B, Lt, D)
-        image = self.patch_embeddings(batch["images"])  # (B, Li, D)
+        text, image = self.inputs(batch["input_ids"], batch["images"])  # (B, Lt, D), (B, Li, D)
         out = self.fusion(text, batch["text_mask"], image, None, return_attention=return_attention)
         logits = self.head(out.pooled) if self.style == "two_tower" else self.head(out.pooled)[:, 0]
         return logits, out
-
-    def align_loss(self, batch: dict, temperature: float = 0.1) -> torch.Tensor:
-        """ALBEF's "align before fuse", on the inputs of the fusion: symmetric InfoNCE between the mean
-        text token of each image's own caption and the mean patch token of the image. Images that share a
-        caption are all positives (soft targets)."""
-        mask = batch["own_mask"].float()[..., None]  # (B, Lt, 1)
-        text = (self.text_embeddings(batch["own_ids"]) * mask).sum(1) / mask.sum(1)  # (B, D)
-        image = self.patch_embeddings(batch["images"])[:, 1:].mean(1)  # (B, D), patches without [CLS]
-        sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / temperature  # (B, B)
-        targets = batch["same_caption"].float()
-        targets = targets / targets.sum(1, keepdim=True)  # rows sum to 1
-        return (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
 
 
 def itm_loss(model, batch):
     logits, _ = model(batch)
     itm = F.binary_cross_entropy_with_logits(logits, batch["labels"])
-    align = model.align_loss(batch)
+    align = model.inputs.align_loss(batch)  # kept on while the fusion trains, as in ALBEF
     return {"loss": itm + align, "itm": itm, "align": align,
             "accuracy": ((logits > 0).float() == batch["labels"]).float().mean()}
+
+# %% [markdown]
+# **Step 1, once for all styles: align.** The shared extractors are trained alone with ITC for a few
+# steps (no transformer, so it costs about a second). Every style then starts from a copy of them.
+
+# %%
+torch.manual_seed(0)
+inputs = Inputs()
+align_history = train(inputs, itm_batch,
+                      TrainConfig(steps=RUN["align_steps"], lr=RUN["lr"], warmup_steps=10, progress=False,
+                                  log_every=0, device=device),
+                      loss_fn=lambda model, batch: model.align_loss(batch))
+inputs.cpu()
+print(f"ITC loss {align_history.losses[0]:.2f} -> {align_history.mean_last(10):.2f} "
+      f"(ln {RUN['batch_size']} = {math.log(RUN['batch_size']):.2f} is a random guess)")
 
 # %% [markdown]
 # ## 3. Two styles from scratch
 #
 # ### 3.1 ViLBERT's co-attention block
 #
-# ViLBERT (Lu et al. 2019) keeps two streams. They meet in *co-attention* blocks: "the queries of each
-# modality are passed to the other modality's multi-headed attention block", so the text attends over
-# the image and the image over the text, **both computed from the block's inputs**, each followed by a
-# residual, a LayerNorm and a feed-forward of its own stream:
+# ViLBERT (Lu et al. 2019) keeps two streams. They meet in *co-attention* blocks, where "the keys and
+# values from each modality are passed as input to the other modality's multi-headed attention block":
+# the text attends over the image and the image over the text, **both computed from the block's
+# inputs**, each followed by a residual, a LayerNorm and a feed-forward of its own stream:
 #
 # $$ t' = \mathrm{LN}(t + \mathrm{MHA}(Q{=}t, K{=}V{=}v)), \quad v' = \mathrm{LN}(v + \mathrm{MHA}(Q{=}v, K{=}V{=}t)), \qquad
 #    t'' = \mathrm{LN}(t' + \mathrm{FFN}_t(t')), \quad v'' = \mathrm{LN}(v' + \mathrm{FFN}_v(v')). $$
@@ -275,9 +304,9 @@ print("our co-attention block matches course_lib's CoAttentionLayer")
 # ### 3.2 VLMo's mixture of modality experts
 #
 # VLMo (Bao et al. 2022) goes the other way: one sequence `[text; image]`, **one shared
-# self-attention** (merged attention, as single-stream), but the feed-forward is chosen by modality -
-# "a pool of modality experts ... to capture modality-specific information". With VLMo's pre-LN and
-# layer scale $\gamma$:
+# self-attention** (merged attention, as single-stream), but the feed-forward is chosen by modality:
+# "each block contains a pool of modality-specific experts and a shared self-attention layer". With
+# VLMo's pre-LN and layer scale $\gamma$:
 #
 # $$ x \leftarrow x + \gamma_1 \odot \mathrm{Attn}(\mathrm{LN}(x)), \qquad
 #    x_m \leftarrow x_m + \gamma_2 \odot \mathrm{FFN}_m(\mathrm{LN}_m(x_m)), \quad m \in \{\text{text}, \text{image}\}. $$
@@ -308,10 +337,12 @@ print("our multiway layer matches course_lib's MultiwayLayer")
 # ## 4. What each style costs, before training
 #
 # Same width, heads and depth for all: the number of parameters and the forward FLOPs for one pair
-# (counted by `torch.utils.flop_counter`, matrix products only) differ because the styles build
-# different stacks. Dual-stream and the cross-modality encoder have a stack per modality *plus*
-# cross layers; three-stream runs its one encoder three times; two-tower and single-stream are the
-# lightest.
+# (counted by `torch.utils.flop_counter`, matrix products only, in the table of section 5) differ
+# because the styles build different stacks. Single-stream is one stack shared by both modalities: the
+# fewest parameters. Dual-stream and the cross-modality encoder have a stack per modality *plus*
+# cross layers: about four times the parameters and twice the FLOPs. Three-stream has one encoder
+# (few parameters) but runs it three times (text, image, pair). Two-tower has two stacks but the
+# fewest FLOPs per pair, since no token ever attends across modalities.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -325,15 +356,16 @@ for name in FUSION_STYLES:
 # %% [markdown]
 # ## 5. Training every style
 #
-# The same data, steps, batch size, learning rate and seed for each. `course_lib.train.train` runs
-# AdamW with a short warmup and a cosine decay.
+# **Step 2: fuse.** Each style starts from a copy of the aligned extractors and trains on ITM (+ ITC)
+# with the same data, steps, batch size, learning rate and seed. `course_lib.train.train` runs AdamW
+# with a short warmup and a cosine decay.
 
 # %%
 models, histories, seconds, accuracies = {}, {}, {}, {}
 config = TrainConfig(steps=RUN["steps"], lr=RUN["lr"], warmup_steps=20, progress=False, log_every=0, device=device)
 for name in FUSION_STYLES:
     torch.manual_seed(0)
-    models[name] = ITMModel(name)
+    models[name] = ITMModel(name, inputs)
     t0 = time.perf_counter()
     histories[name] = train(models[name], itm_batch, config, loss_fn=itm_loss)
     seconds[name] = time.perf_counter() - t0
@@ -380,10 +412,10 @@ assert accuracies["two_tower"] > 0.7, f"two-tower {accuracies['two_tower']:.2f} 
 # Every style leaves the $\ln 2$ line and ends well above chance, but not at the same speed: this is a
 # comparison at a *fixed, tiny budget*, not of what each style can reach. Things to notice:
 #
-# - the styles with a stack per modality plus cross layers (dual-stream, cross-modality) pay two to
-#   three times the FLOPs of single-stream for the same width and depth;
-# - the multiway transformer starts slowly: VLMo's layer scale ($\gamma = 0.1$) damps every residual
-#   branch at first, which stabilises deep models and costs speed in a one-layer one;
+# - the styles with a stack per modality plus cross layers (dual-stream, cross-modality) pay about twice
+#   the FLOPs of single-stream for the same width and depth, and have the most parameters to fit;
+# - the multiway transformer tends to start slowly: VLMo's layer scale ($\gamma = 0.1$) damps every
+#   residual branch at first, which stabilises deep models and costs speed in a one-layer one;
 # - the two-tower model learns this task fast even though its modalities never attend to each other:
 #   "which objects of which colour" is a bag of attributes that a single vector per side can hold. Tasks
 #   that need token-level alignment (which object is left of which, counting, a question about one
@@ -456,9 +488,9 @@ ids_n, mask_n = val_data[1][:N], val_data[2][:N]
 two_tower, single = models["two_tower"], models["single_stream"]
 with torch.no_grad():
     t0 = time.perf_counter()
-    t_tokens = two_tower.text_embeddings(ids_n.to(device))
+    t_tokens = two_tower.inputs.text_embeddings(ids_n.to(device))
     _, text_emb, _ = two_tower.fusion.encode_text(t_tokens, mask_n.to(device))  # N text passes
-    _, image_emb, _ = two_tower.fusion.encode_image(two_tower.patch_embeddings(images_n.to(device)),
+    _, image_emb, _ = two_tower.fusion.encode_image(two_tower.inputs.patch_embeddings(images_n.to(device)),
                                                     torch.ones(N, image_len, dtype=torch.bool, device=device))
     sim_two_tower = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T  # (N, N) in one product
     two_tower_seconds = time.perf_counter() - t0
