@@ -474,6 +474,45 @@ words_on_image(outputs["fusion_encoder"].attentions[-1]["text_to_image"],
 # patches of an object of that colour. The two-tower model has no such map at all: its only contact
 # between modalities is one number, the cosine.
 #
+# **All eight side by side.** For every style, the text-to-image attention of its last layer that has
+# one (words down, the image's [CLS] and 16 patches across, heads averaged). For merged attention
+# (single-stream, multiway, three-stream's joint pass) it is the text-rows, image-columns block of the
+# joint map, and each row does not sum to 1 because the rest of its mass went to text tokens;
+# co-attention, LXMERT's cross layer, the fusion encoder and the decoder have a separate
+# cross-attention whose rows sum to 1. Two-tower has no cross-modal attention: its panel shows the
+# text tower's self-attention instead, the only map it has (a triangle: like CLIP's, the text tower is
+# causal, and its last token, [SEP], is the pooled embedding).
+
+# %%
+def text_to_image_map(name: str, out) -> tuple[torch.Tensor, str]:
+    """The last layer's text -> image attention of style ``name``, heads averaged: ``(Lt, Li)``, and a label."""
+    Lt = example["input_ids"].shape[1]
+    for layer in reversed(out.attentions):
+        for key in ("text_to_image", "self", "joint"):
+            if key in layer:
+                maps = layer[key][0].mean(0)  # (queries, keys), heads averaged
+                return (maps if key == "text_to_image" else maps[:Lt, Lt:]), key
+    return out.attentions[0]["text_self"][0].mean(0), "text_self (no cross-modal map)"
+
+
+with torch.no_grad():
+    every_output = {name: models[name](example, return_attention=True)[1] for name in FUSION_STYLES}
+fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+for ax, name in zip(axes.flat, FUSION_STYLES):
+    maps, kind = text_to_image_map(name, every_output[name])
+    columns = words if kind.startswith("text_self") else ["[IMG]"] + [f"p{i}" for i in range(maps.shape[1] - 1)]
+    attention_heatmap(maps[:n_text, :len(columns)], words, columns, ax=ax, title=f"{name}: {kind}")
+fig.tight_layout()
+
+# %% [markdown]
+# Read the panels with the table above beside them. The cross-attention styles (dual-stream,
+# cross-modality, fusion encoder, encoder-decoder) give each word a full distribution over the
+# patches, so their rows can be sharp. In the merged-attention styles the text-to-image block holds
+# whatever share of each word's attention went to the image, so how bright the block is tells you how
+# much the last layer mixes the modalities at all. The maps differ from style to style even though
+# the inputs and the training were the same: where a model *can* look shapes what it learns to look
+# at.
+#
 # ## 7. Why retrieval systems use two towers
 #
 # To rank $N$ captions for each of $N$ images, a fused model must run once per **pair**: $N^2$ forward
