@@ -41,6 +41,8 @@ case "${1:-}" in
   lab)
     ensure_env
     shift
+    # Containers often run as root, which JupyterLab refuses without this flag.
+    if [ "$(id -u)" = 0 ]; then set -- --allow-root "$@"; fi
     exec "$VENV/bin/jupyter" lab --notebook-dir=. notebooks/00_course_tour.ipynb "$@"
     ;;
   test)
