@@ -15,24 +15,10 @@ import math
 
 import torch
 
-from course_lib.checks.verdict import ExerciseError, expect, expect_close, passed
+from course_lib.checks.verdict import (
+    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+)
 from course_lib.nn import MultiHeadAttention
-
-
-def _check_callable(name: str, fn) -> None:
-    if not callable(fn):
-        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
-
-
-def _call(check: str, fn, *args, **kwargs):
-    """Call the learner's ``fn``; turn any exception into an ``ExerciseError`` that names it."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        raise ExerciseError(f"{check}: not yet. {fn.__name__} still raises NotImplementedError: "
-                            "replace it with your code") from e
-    except Exception as e:  # the learner's bug: report it, keep the traceback
-        raise ExerciseError(f"{check}: not yet. {fn.__name__} raised {type(e).__name__}: {e}") from e
 
 
 # --------------------------------------------------------------------------- attention
@@ -100,9 +86,9 @@ def check_attention(fn) -> None:
     ``out (B, H, Nq, d)``, ``weights (B, H, Nq, Nk)``. Tolerance: atol 1e-5, rtol 1e-4 (float32).
     """
     check = "attention"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for name, q, k, v, key_mask in _attention_cases():
-        result = _call(check, fn, q.clone(), k.clone(), v.clone(), key_mask=key_mask)
+        result = call_learner(check, fn, q.clone(), k.clone(), v.clone(), key_mask=key_mask)
         expect(isinstance(result, (tuple, list)) and len(result) == 2, check,
                f"return (out, weights), two tensors; got {type(result).__name__}")
         out, weights = result
@@ -127,9 +113,9 @@ def check_causal_mask(fn) -> None:
     ``MultiHeadAttention(..., causal=True)`` (atol 1e-5).
     """
     check = "causal_mask"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for n in (4, 7, 1):
-        mask = _call(check, fn, n)
+        mask = call_learner(check, fn, n)
         expect(isinstance(mask, torch.Tensor), check, f"return a torch.Tensor, got {type(mask).__name__}")
         expect(tuple(mask.shape) == (n, n), check, f"causal_mask({n}) has shape {tuple(mask.shape)}, "
                f"expected ({n}, {n}): queries down, keys across")
@@ -171,12 +157,12 @@ def check_split_merge_heads(split_fn, merge_fn) -> None:
     ``merge_fn((B, H, N, hd)) -> (B, N, H * hd)``; then rebuild course_lib's multi-head attention with
     them and compare outputs (atol 1e-5)."""
     check = "split_merge_heads"
-    _check_callable("split_fn", split_fn)
-    _check_callable("merge_fn", merge_fn)
+    check_callable("split_fn", split_fn)
+    check_callable("merge_fn", merge_fn)
     g = torch.Generator().manual_seed(0)
     B, N, D, H = 2, 5, 12, 3
     x = torch.randn(B, N, D, generator=g)
-    heads = _call(check, split_fn, x, H)
+    heads = call_learner(check, split_fn, x, H)
     expected = _naive_split(x, H)
     if isinstance(heads, torch.Tensor) and heads.shape == expected.shape and not torch.equal(heads, expected):
         expect(not torch.equal(heads, x.reshape(B, H, N, D // H)), check,
@@ -186,11 +172,11 @@ def check_split_merge_heads(split_fn, merge_fn) -> None:
                  "head h should hold features h*hd .. (h+1)*hd-1 of every token", atol=0, rtol=0)
 
     y = torch.randn(B, H, N, D // H, generator=g)
-    merged = _call(check, merge_fn, y)
+    merged = call_learner(check, merge_fn, y)
     expect_close(merged, torch.cat(y.unbind(1), dim=-1), check,
                  "merge_fn(y (B, H, N, hd)), heads side by side: (B, N, H * hd)", atol=0, rtol=0)
-    expect_close(_call(check, merge_fn, _call(check, split_fn, x, H)), x, check, "merge_fn(split_fn(x)) == x",
-                 atol=0, rtol=0)
+    round_trip = call_learner(check, merge_fn, call_learner(check, split_fn, x, H))
+    expect_close(round_trip, x, check, "merge_fn(split_fn(x)) == x", atol=0, rtol=0)
 
     mha = MultiHeadAttention(D, H)
     with torch.no_grad():

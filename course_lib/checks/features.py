@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.checks.verdict import expect, expect_close, passed
+from course_lib.checks.verdict import call_learner, expect, expect_close, passed
 from course_lib.features.patch import patchify
 from course_lib.features.region import box_geometry
 from course_lib.features.roi_align import bilinear_weights
-
-
-def _call(fn, check: str, *args):
-    """Run the learner's function; a crash becomes a verdict that names the inputs."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        expect(False, check, "the function still raises NotImplementedError: fill in its body")
-    except Exception as error:  # noqa: BLE001 - any crash of the learner's code is the verdict
-        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
-        expect(False, check, f"calling it with inputs {shapes} raised {type(error).__name__}: {error}")
 
 
 def check_patchify(patchify_fn) -> None:
@@ -31,7 +20,7 @@ def check_patchify(patchify_fn) -> None:
     for shape, p in cases:
         images = torch.rand(shape, generator=g)
         want = patchify(images, p)
-        got = _call(patchify_fn, name, images.clone(), p)
+        got = call_learner(name, patchify_fn, images.clone(), p)
         if isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(want.shape) and not torch.allclose(got, want):
             # The right values in the wrong order is the usual mistake: say which.
             same_patches = torch.allclose(got.sort(-1).values, want.sort(-1).values)
@@ -59,7 +48,7 @@ def check_box_geometry_5d(geometry_fn) -> None:
         cases.append((torch.cat([xy1, xy1 + wh], dim=1), (H, W)))
     for boxes, (H, W) in cases:
         want = box_geometry(boxes, (H, W), "5d")
-        got = _call(geometry_fn, name, boxes.clone(), (H, W))
+        got = call_learner(name, geometry_fn, boxes.clone(), (H, W))
         if isinstance(got, torch.Tensor) and got.shape == want.shape and H != W:
             swapped = want * torch.tensor([W / H, H / W, W / H, H / W, 1.0])  # x / H and y / W instead
             expect(not torch.allclose(got, swapped), name,
@@ -86,10 +75,10 @@ def check_bilinear_at_point(interpolate_fn) -> None:
     points += [(float(u) * 4, float(v) * 5) for u, v in torch.rand(8, 2, generator=g)]
     for y, x in points:
         want = _reference_bilinear(fmap, y, x)
-        got = _call(interpolate_fn, name, fmap.clone(), y, x)
+        got = call_learner(name, interpolate_fn, fmap.clone(), y, x)
         expect_close(got, want, name, f"the value at (y={y:.3g}, x={x:.3g}) of a (4, 5, 6) map", atol=1e-5)
     ramp = torch.arange(6.0).expand(1, 5, 6)  # f(y, x) = x: interpolation must give x back
-    got = _call(interpolate_fn, name, ramp.clone(), 2.0, 3.25)
+    got = call_learner(name, interpolate_fn, ramp.clone(), 2.0, 3.25)
     expect_close(got, torch.tensor([3.25]), name, "the value at x = 3.25 of a map equal to its column index")
     passed(name, f"{len(points) + 1} points, the map's corners and last row/column included, match the "
                  "interpolation weights of course_lib.features.roi_align")

@@ -19,27 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from course_lib.checks.verdict import ExerciseError, expect, expect_close, passed
+from course_lib.checks.verdict import (
+    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+)
 from course_lib.objectives.itc import contrastive_loss
 from course_lib.objectives.itm import _negative_weights
 from course_lib.objectives.mvm import region_class_loss_kl
-
-
-def _check_callable(name: str, fn) -> None:
-    if not callable(fn):
-        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
-
-
-def _call(check: str, fn, *args, **kwargs):
-    """Call the learner's ``fn``; turn any exception into an ``ExerciseError`` that names it."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        raise ExerciseError(f"{check}: not yet. {getattr(fn, '__name__', 'your function')} still raises "
-                            "NotImplementedError: replace it with your code") from e
-    except Exception as e:  # the learner's bug: report it, keep the traceback
-        raise ExerciseError(f"{check}: not yet. {getattr(fn, '__name__', 'your function')} raised "
-                            f"{type(e).__name__}: {e}") from e
 
 
 def _scalar(check: str, value, what: str) -> torch.Tensor:
@@ -94,12 +79,12 @@ def check_info_nce(fn) -> None:
     respect to both feature matrices must match autograd's gradient of the library loss.
     """
     check = "info_nce"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for seed, scale in ((0, 1 / 0.07), (1, 5.0), (2, torch.tensor(30.0))):
         image, text = _info_nce_case(seed)
         image.requires_grad_(True)
         text.requires_grad_(True)
-        ours = _scalar(check, _call(check, fn, image, text, scale), "the loss")
+        ours = _scalar(check, call_learner(check, fn, image, text, scale), "the loss")
         want = contrastive_loss(image, text, scale)
         if not _same(ours, want):
             for mistake, value in _info_nce_variants(image, text, float(scale)).items():
@@ -111,7 +96,7 @@ def check_info_nce(fn) -> None:
         for name, a, b in zip(("image_feats", "text_feats"), g_ours, g_want):
             expect_close(a, b, check, f"the gradient with respect to {name}")
     image, text = _info_nce_case(3, batch=1)
-    one = _scalar(check, _call(check, fn, image, text, 10.0), "the loss")
+    one = _scalar(check, call_learner(check, fn, image, text, 10.0), "the loss")
     expect(abs(one.item()) < 1e-5, check,
            f"with a single pair there is nothing to contrast, so the loss must be 0, got {one.item():.4f}")
     passed(check, "matches course_lib's contrastive_loss (values and gradients) on 4 batches")
@@ -134,14 +119,14 @@ def check_hard_negative_weights(fn) -> None:
     (with ``eps=0``). Checked on three non-symmetric similarity matrices (atol 1e-5).
     """
     check = "hard_negative_weights"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(5, 5, generator=g) * 3,
              torch.randn(8, 8, generator=g) * 10 + torch.arange(8.0),      # large logits: softmax must be stable
              torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [4.0, 0.0, 1.0]])]
     for sim in cases:
         original = sim.clone()
-        weights = _call(check, fn, sim)
+        weights = call_learner(check, fn, sim)
         expect(isinstance(weights, torch.Tensor), check,
                f"return the (B, B) weights as a torch.Tensor, got {type(weights).__name__}")
         expect(tuple(weights.shape) == tuple(sim.shape), check,
@@ -210,11 +195,11 @@ def check_mrc_kl(fn) -> None:
     exact zeros). Values and gradients, atol 1e-5, on two batches.
     """
     check = "mrc_kl"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for seed in (0, 1):
         logits, probs, masked = _mrc_case(seed)
         logits.requires_grad_(True)
-        ours = _call(check, fn, logits, probs.clone(), masked.clone())
+        ours = call_learner(check, fn, logits, probs.clone(), masked.clone())
         expect(isinstance(ours, torch.Tensor), check, f"return a scalar tensor, got {type(ours).__name__}")
         if not bool(torch.isfinite(ours).all()):
             raise ExerciseError(f"{check}: not yet. The loss is {ours.flatten()[0].item()}: the detector gives some "
@@ -232,7 +217,7 @@ def check_mrc_kl(fn) -> None:
         expect_close(g_ours, g_want, check, "the gradient with respect to logits")
         expect(bool((g_ours[~masked] == 0).all()), check, "regions that were not masked must get no gradient")
     logits, probs, masked = _mrc_case(2)
-    same = _scalar(check, _call(check, fn, torch.log(probs.clamp_min(1e-30)), probs, masked), "the loss")
+    same = _scalar(check, call_learner(check, fn, torch.log(probs.clamp_min(1e-30)), probs, masked), "the loss")
     expect(abs(same.item()) < 1e-4 and not math.isnan(same.item()), check,
            f"when the model's distribution equals the detector's the KL must be 0, got {same.item():.4g}")
     passed(check, "matches course_lib's region_class_loss_kl (values and gradients), zeros in p handled")

@@ -13,25 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course_lib.checks.verdict import ExerciseError, expect, expect_close, passed
+from course_lib.checks.verdict import (
+    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+)
 from course_lib.objectives.wra import cosine_cost, ipot
-
-
-def _check_callable(name: str, fn) -> None:
-    if not callable(fn):
-        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
-
-
-def _call(check: str, fn, *args, **kwargs):
-    """Call the learner's ``fn``; turn any exception into an ``ExerciseError`` that names it."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        raise ExerciseError(f"{check}: not yet. {getattr(fn, '__name__', 'your function')} still raises "
-                            "NotImplementedError: replace it with your code") from e
-    except Exception as e:  # the learner's bug: report it, keep the traceback
-        raise ExerciseError(f"{check}: not yet. {getattr(fn, '__name__', 'your function')} raised "
-                            f"{type(e).__name__}: {e}") from e
 
 
 def _tensor(check: str, value, what: str, shape: tuple) -> torch.Tensor:
@@ -55,11 +40,11 @@ def check_cosine_cost(fn) -> None:
     is all zeros (padding often is): there its cost is 1.
     """
     check = "cosine_cost"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 5, 8, generator=g) * 3 + 1, torch.randn(2, 3, 8, generator=g)
     original = (x.clone(), y.clone())
-    ours = _tensor(check, _call(check, fn, x, y), "the cost", (2, 5, 3))
+    ours = _tensor(check, call_learner(check, fn, x, y), "the cost", (2, 5, 3))
     expect(torch.equal(x, original[0]) and torch.equal(y, original[1]), check,
            "x or y was modified in place; work on copies")
     want = cosine_cost(x, y)
@@ -75,11 +60,11 @@ def check_cosine_cost(fn) -> None:
         expect(not _same(ours, 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).transpose(1, 2)), check,
                "normalise over the feature dimension (dim=-1), not over the tokens")
     expect_close(ours, want, check, "the cost")
-    scaled = _tensor(check, _call(check, fn, 10 * x, 0.1 * y), "the cost", (2, 5, 3))
+    scaled = _tensor(check, call_learner(check, fn, 10 * x, 0.1 * y), "the cost", (2, 5, 3))
     expect_close(scaled, want, check, "the cost of the rescaled inputs (10 x, 0.1 y)")
     x_zero = x.clone()
     x_zero[1, 4] = 0
-    zero = _tensor(check, _call(check, fn, x_zero, y), "the cost", (2, 5, 3))
+    zero = _tensor(check, call_learner(check, fn, x_zero, y), "the cost", (2, 5, 3))
     if not bool(torch.isfinite(zero).all()):
         raise ExerciseError(f"{check}: not yet. A zero vector gives NaN: its norm is 0. Clamp the norm "
                             "(F.normalize(v, dim=-1, eps=1e-5) does) so a zero vector costs 1 against everything")
@@ -104,7 +89,7 @@ def _run(check: str, fn, cost, x_mask, y_mask, beta: float, steps: int):
     plan = torch.ones_like(cost)
     a = x_mask.float() / x_mask.float().sum(1, keepdim=True)
     for step in range(steps):
-        out = _call(check, fn, cost, plan, a, x_mask, y_mask, beta)
+        out = call_learner(check, fn, cost, plan, a, x_mask, y_mask, beta)
         expect(isinstance(out, (tuple, list)) and len(out) == 2, check,
                f"return the pair (plan, a), got {type(out).__name__}")
         plan, a = out
@@ -127,7 +112,7 @@ def check_ipot_step(fn) -> None:
     t = 1 and t = 50 steps (atol 1e-5), with zero mass on padding and exact row sums.
     """
     check = "ipot_step"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     cost, x_mask, y_mask = _ipot_case(0)
     pad = ~(x_mask[:, :, None] & y_mask[:, None, :])
     for steps, beta in ((1, 0.5), (50, 0.5), (20, 0.2)):

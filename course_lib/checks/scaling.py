@@ -18,24 +18,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.checks.verdict import ExerciseError, expect, passed
+from course_lib.checks.verdict import ExerciseError, call_learner, check_callable, expect, passed
 from course_lib.flops import mfu, peak_flops
-
-
-def _check_callable(name: str, fn) -> None:
-    if not callable(fn):
-        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
-
-
-def _call(check: str, fn, *args):
-    """Call the learner's ``fn``; turn an unexpected exception into an ``ExerciseError`` that names it."""
-    try:
-        return fn(*args)
-    except NotImplementedError as e:
-        raise ExerciseError(f"{check}: not yet. {fn.__name__} still raises NotImplementedError: "
-                            "replace it with your code") from e
-    except Exception as e:  # the learner's bug: report it, keep the traceback
-        raise ExerciseError(f"{check}: not yet. {fn.__name__}{args} raised {type(e).__name__}: {e}") from e
 
 
 def _is_number(value) -> bool:
@@ -70,11 +54,11 @@ def check_mfu(fn) -> None:
     each achieve; ``peak <= 0`` must raise ``ValueError``. Compared with ``course_lib.flops.mfu``
     (which looks the peak up by device name) to a relative 1e-9."""
     check = "mfu"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for samples, flops, device in _MFU_CASES:
         peak = peak_flops(device)
         want = mfu(samples, flops, device)
-        got = _call(check, fn, samples, flops, peak)
+        got = call_learner(check, fn, samples, flops, peak)
         case = f"mfu({samples:g}, {flops:.4g}, {peak:.4g}) ({device})"
         expect(_is_number(got), check, f"{case} should return a float, got {type(got).__name__}")
         close = lambda x: math.isclose(got, x, rel_tol=1e-9)  # noqa: E731
@@ -129,10 +113,10 @@ def check_batch_plan(fn) -> None:
     micro-batch (the fewest accumulation steps); ``world_size`` not dividing ``global_batch`` must
     raise ``ValueError``. Each plan is also run through ``course_lib.pretrain``'s batch plan."""
     check = "batch_plan"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for global_batch, world, max_micro in _PLAN_CASES:
         case = f"batch_plan(global_batch={global_batch}, world_size={world}, max_micro_batch={max_micro})"
-        got = _call(check, fn, global_batch, world, max_micro)
+        got = call_learner(check, fn, global_batch, world, max_micro)
         expect(isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(v, int) and
                not isinstance(v, bool) for v in got), check,
                f"{case} should return two ints (micro_batch, accumulation), got {got!r}")
@@ -185,11 +169,11 @@ def check_linear_flops(fn) -> None:
     (as inside a network), bias additions not counted, 2 FLOPs per multiply-add. Compared exactly
     with ``FlopCounterMode`` run on a real forward and backward pass."""
     check = "linear_flops"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for b, i, o in _LINEAR_CASES:
         case = f"linear_flops(batch_size={b}, in_features={i}, out_features={o})"
         want = counted_linear_flops(b, i, o)
-        got = _call(check, fn, b, i, o)
+        got = call_learner(check, fn, b, i, o)
         expect(_is_number(got), check, f"{case} should return a number, got {type(got).__name__}")
         products = b * i * o  # multiply-adds of one matrix product
         expect(got != 2 * products, check, f"{case} = {got} is the forward pass only; backward computes two more "

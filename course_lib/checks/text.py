@@ -15,26 +15,12 @@ import math
 
 import torch
 
-from course_lib.checks.verdict import ExerciseError, expect, expect_close, passed
+from course_lib.checks.verdict import (
+    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+)
 from course_lib.features.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, sinusoidal_positions
 
 SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
-
-
-def _check_callable(name: str, fn) -> None:
-    if not callable(fn):
-        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
-
-
-def _call(check: str, fn, *args, **kwargs):
-    """Call the learner's ``fn``; turn any exception into an ``ExerciseError`` that names it."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        raise ExerciseError(f"{check}: not yet. {fn.__name__} still raises NotImplementedError: "
-                            "replace it with your code") from e
-    except Exception as e:  # the learner's bug: report it, keep the traceback
-        raise ExerciseError(f"{check}: not yet. {fn.__name__} raised {type(e).__name__}: {e}") from e
 
 
 # --------------------------------------------------------------------------- masking
@@ -68,11 +54,11 @@ def check_mask_tokens(fn) -> None:
     modified, and the same seeded ``generator`` gives the same result.
     """
     check = "mask_tokens"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     vocab_size = 60
     input_ids = _padded_batch(256, 128, vocab_size, seed=0)
     original = input_ids.clone()
-    out = _call(check, fn, input_ids, vocab_size, MASK_ID, SPECIAL_IDS, torch.Generator().manual_seed(0))
+    out = call_learner(check, fn, input_ids, vocab_size, MASK_ID, SPECIAL_IDS, torch.Generator().manual_seed(0))
     expect(isinstance(out, (tuple, list)) and len(out) == 2, check,
            f"return two tensors (masked_ids, labels), got {type(out).__name__}")
     masked, labels = out
@@ -116,7 +102,7 @@ def check_mask_tokens(fn) -> None:
     expect(not bool(torch.isin(random_ids, torch.tensor(SPECIAL_IDS)).any()), check,
            "random replacements must be ordinary tokens, never a special token such as [PAD] or [CLS]")
 
-    again = _call(check, fn, input_ids, vocab_size, MASK_ID, SPECIAL_IDS, torch.Generator().manual_seed(0))
+    again = call_learner(check, fn, input_ids, vocab_size, MASK_ID, SPECIAL_IDS, torch.Generator().manual_seed(0))
     expect(torch.equal(again[0], masked) and torch.equal(again[1], labels), check,
            "two calls with generators seeded alike gave different results; pass generator=generator "
            "to every random draw (torch.rand, torch.randint)")
@@ -157,9 +143,9 @@ def check_sinusoidal_positions(fn) -> None:
     Tolerance: atol 1e-5 (float32 rounding of sin/cos of angles up to ~100 rad).
     """
     check = "sinusoidal_positions"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     for num_positions, dim in ((1, 2), (16, 8), (50, 64)):
-        table = _call(check, fn, num_positions, dim)
+        table = call_learner(check, fn, num_positions, dim)
         expected = sinusoidal_positions(num_positions, dim)
         if isinstance(table, torch.Tensor) and table.shape == expected.shape:
             if not torch.allclose(table.float(), expected, atol=1e-5):
@@ -185,12 +171,12 @@ def check_wordpiece(fn, tokenizer) -> None:
     word ``[UNK]`` when some part of it matches no piece).
     """
     check = "wordpiece"
-    _check_callable("fn", fn)
+    check_callable("fn", fn)
     if not hasattr(tokenizer, "get_vocab") or not hasattr(tokenizer, "tokenize"):
         raise ValueError(f"tokenizer must be the trained tokenizer (train_tokenizer), got {type(tokenizer).__name__}")
     vocab = tokenizer.get_vocab()
     for word in WORDPIECE_WORDS:
-        pieces = _call(check, fn, word, dict(vocab))
+        pieces = call_learner(check, fn, word, dict(vocab))
         expected = tokenizer.tokenize(word)
         expect(isinstance(pieces, (list, tuple)) and all(isinstance(p, str) for p in pieces), check,
                f"return a list of strings (the pieces), got {pieces!r} for {word!r}")

@@ -31,5 +31,34 @@ def expect_close(actual, expected, check: str, what: str, atol: float = 1e-5, rt
         )
 
 
+def check_callable(name: str, fn) -> None:
+    """A clear error when ``fn``, passed to the check ``name``, is not the learner's function."""
+    if not callable(fn):
+        raise ValueError(f"{name} must be the function you wrote (a callable), got {type(fn).__name__}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)}"
+    if isinstance(value, (bool, int, float, str, tuple)):
+        return repr(value)
+    return type(value).__name__
+
+
+def call_learner(check: str, fn, *args, **kwargs):
+    """Call the learner's ``fn``; any exception becomes an ``ExerciseError`` that names the function,
+    the error and the inputs (the original traceback stays chained)."""
+    name = getattr(fn, "__name__", "your function")
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as e:
+        raise ExerciseError(f"{check}: not yet. {name} still raises NotImplementedError: "
+                            "replace it with your code") from e
+    except Exception as e:  # the learner's bug: report it, keep the traceback
+        inputs = ", ".join([_describe(a) for a in args] + [f"{k}={_describe(a)}" for k, a in kwargs.items()])
+        raise ExerciseError(f"{check}: not yet. {name} raised {type(e).__name__}: {e} "
+                            f"(called with {inputs})") from e
+
+
 def passed(check: str, detail: str) -> None:
     print(f"PASS {check}: {detail}")
