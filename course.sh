@@ -43,14 +43,26 @@ case "${1:-}" in
     shift
     # Containers often run as root, which JupyterLab refuses without this flag.
     if [ "$(id -u)" = 0 ]; then set -- --allow-root "$@"; fi
-    exec "$VENV/bin/jupyter" lab --notebook-dir=. notebooks/00_course_tour.ipynb "$@"
+    # tools/course_lab.py runs JupyterLab with the built notebooks trusted and widget state saved
+    # with them, so figures and widgets show on first open and still after a save.
+    exec "$VENV/bin/python" tools/course_lab.py --notebook-dir=. notebooks/00_course_tour.ipynb "$@"
     ;;
   test)
     ensure_env
     shift
     "$VENV/bin/python" -m course_lib.doctor
     if [ $# -eq 0 ]; then set -- tests notebooks solutions; fi
-    exec "$VENV/bin/python" -m pytest "$@" \
+    # Two worker processes of one thread each, a notebook per worker at a time (--dist loadfile):
+    # 1.8x the throughput of one process with two threads (BENCHMARKS.md). COURSE_TEST_WORKERS=0
+    # runs everything in this process instead.
+    workers="${COURSE_TEST_WORKERS:-2}"
+    parallel=()
+    if [ "$workers" -gt 0 ]; then parallel=(-n "$workers" --dist loadfile); export COURSE_THREADS=1; fi
+    if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 &&
+       ! command -v google-chrome >/dev/null 2>&1; then
+      echo "course.sh: no chromium found: the browser test (tests/test_browser.py) will be skipped; install it with \`apt-get install chromium\` (Debian/Ubuntu) to enable it"
+    fi
+    exec "$VENV/bin/python" -m pytest "$@" "${parallel[@]}" \
       --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
       --nbval-cell-timeout=600 --durations=15 -q
     ;;

@@ -16,8 +16,10 @@ checkpoint from somewhere else cannot run arbitrary code.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,6 +33,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class CheckpointError(ValueError):
     """A checkpoint file exists but is corrupt, incomplete or not a course_lib checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds pickled Python objects that ``weights_only`` loading refuses."""
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,6 +130,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     _fsync_directory(path.parent)
 
 
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that saves of ``path`` killed mid-write left beside it; return them.
+
+    Only for a run that owns ``path`` (a resumed or an overwriting run): a save in progress in
+    another process would lose its temp file.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
     try:
@@ -149,8 +168,10 @@ def load_checkpoint(
 
     Returns ``{"step": int, "history": dict | None, "extra": dict}``.
     Raises ``FileNotFoundError`` if ``path`` does not exist, :class:`CheckpointError` if it is
-    corrupt, truncated or not a course_lib checkpoint, and ``ValueError`` listing a few
-    missing / unexpected / mis-shaped keys if the model does not match the saved weights.
+    corrupt, truncated or not a course_lib checkpoint, :class:`UnsafeCheckpointError` (a
+    ``CheckpointError``) if it holds pickled objects that ``weights_only`` loading refuses, and
+    ``ValueError`` listing a few missing / unexpected / mis-shaped keys if the model does not
+    match the saved weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -173,15 +194,28 @@ def load_checkpoint(
     return {"step": state["step"], "history": state["history"], "extra": state["extra"]}
 
 
+def _refused_global(error: BaseException) -> str | None:
+    """The Python object ``weights_only`` loading refused to unpickle, or ``None`` for another failure.
+
+    torch words it "Unsupported global: GLOBAL builtins.print was not an allowed global" or, for a
+    module on its block list, "unsupported GLOBAL posix.system whose module posix is blocked".
+    """
+    match = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?(\S+)", str(error), flags=re.IGNORECASE)
+    return match.group(1) if match else None
+
+
 def _read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises OSError, EOFError, RuntimeError, UnpicklingError...
-        if "Unsupported global" in str(error):
-            raise CheckpointError(
-                f"checkpoint {path} contains Python objects other than tensors and plain values; "
-                "course_lib refuses to unpickle them (use torch.load(weights_only=False) only on "
-                f"files you trust). Detail: {str(error).splitlines()[-3:]}"
+        refused = _refused_global(error)
+        if refused is not None:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} holds Python objects that weights_only loading does not allow "
+                f"(the first one: {refused}); course_lib reads only tensors and plain values, because "
+                "unpickling other objects can run arbitrary code. The file is not damaged: if you trust "
+                "where it came from, inspect it with torch.load(path, weights_only=False); otherwise "
+                "do not load it"
             ) from error
         raise CheckpointError(
             f"checkpoint {path} is corrupt or incomplete (torch.load failed: "

@@ -46,6 +46,22 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an int (set by torchrun), got {value!r}") from None
 
 
+def check_device(name: str | None) -> torch.device:
+    """``course_lib.utils.get_device(name)``, refusing a device name torch does not know, or a GPU
+    (``cuda``, ``mps``) that this machine does not have, with a ``ValueError`` naming ``device``."""
+    asked = f"device={name!r}" if name else f"COURSE_DEVICE={os.environ.get('COURSE_DEVICE')!r}"
+    try:
+        device = get_device(name)
+    except RuntimeError as error:  # torch.device("gpu"): "Expected one of cpu, cuda, ..."
+        raise ValueError(f"{asked} is not a device torch knows ({error}); use cpu, cuda or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{asked} but torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "use --device=cpu, or leave device empty to pick what is there")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{asked} but this machine has no Apple MPS GPU; use --device=cpu")
+    return device
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group described by torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``.
 
@@ -56,7 +72,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} must satisfy 0 <= RANK < WORLD_SIZE")
-    base = get_device(device or None)
+    base = check_device(device or None)
     if base.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")

@@ -16,7 +16,11 @@ the global batch, and the loss, the same on any number of processes: a contrasti
 a sum over samples, so accumulation first embeds every micro-batch without gradient, then
 re-embeds one micro-batch at a time with gradient and scores it against the cached rest
 (open_clip's ``--accum-freq``; Gao et al. 2021, GradCache). Checkpoints are atomic and resume
-exactly. Progress lines print samples/s, peak memory and MFU (``course_lib.flops``).
+exactly; a run never replaces the checkpoint it finds in ``out_dir`` unless told to
+(``--resume=True`` continues it, ``--overwrite=True`` replaces it), and says in its first line
+whether it starts fresh or resumes from step N. Errors in the options, the data or the
+checkpoint print one ``error: ...`` line and exit with status 2. Progress lines print
+samples/s, peak memory and MFU (``course_lib.flops``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import ast
 import math
 import sys
+import tarfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from itertools import chain
@@ -33,18 +38,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from course_lib.checkpoint import load_checkpoint, save_checkpoint
-from course_lib.data.onthefly import (MicroBatchStream, ShapeWorldPairs, ShardBatches, SyntheticPairs,
+from course_lib.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from course_lib.data.onthefly import (MicroBatchStream, ShapeWorldPairs, ShardBatches, SyntheticPairs, bound_text,
                                      shard_micro_batches)
 from course_lib.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag, cleanup,
                                     init_distributed, wrap_ddp)
 from course_lib.flops import Throughput, device_name, model_flops_per_sample
 from course_lib.models.registry import build_config, model_entry
 from course_lib.presets import apply_overrides, get_preset
-from course_lib.train import History, TrainConfig, make_optimizer, move_to_device, warmup_cosine_schedule
+from course_lib.train import (History, TrainConfig, check_resumable, make_optimizer, move_to_device, start_line,
+                              start_mode, warmup_cosine_schedule)
 from course_lib.utils import check_one_of, count_parameters, seed_everything
 
 DATA_SOURCES = ("shapeworld", "shards", "synthetic")
+TOKENIZER_WORDS = 256  # the tokenizer learns from the first 256 words of each caption (bounded memory)
 # A resumed run must agree with the checkpoint on these, or its losses would not continue the run's.
 SAME_RUN_FIELDS = ("model", "preset", "data", "data_path", "global_batch", "seed", "model_overrides")
 
@@ -55,7 +62,11 @@ class PretrainConfig:
     ``max_seconds=0`` means no time limit (checked at log steps, then a checkpoint is saved);
     ``tokenizer``: a directory holding a saved tokenizer, built there if missing (default
     ``out_dir/tokenizer``); ``bf16``: autocast to bfloat16 on CUDA (CPUs compute in float32);
-    ``warmup``: linear warmup steps (at most ``steps``), then cosine decay to 0."""
+    ``warmup``: linear warmup steps (at most ``steps``), then cosine decay to 0.
+
+    ``out_dir/checkpoint.pt`` is never replaced by surprise: a run that finds one there refuses to
+    start unless ``resume=True`` (continue it; a checkpoint beyond ``steps`` is an error) or
+    ``overwrite=True`` (replace it). Every run prints one line saying which it does."""
 
     model: str = "clip"
     preset: str = "cpu-tiny"
@@ -77,6 +88,7 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     checkpoint_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     log_every: int = 10
     seed: int = 0
     max_seconds: float = 0.0
@@ -97,6 +109,18 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0, got 0: the weights would never change")
+        for name in ("resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other: resume continues the "
+                             "checkpoint in out_dir, overwrite replaces it; pass one of them")
+        if self.global_batch < 2 and hasattr(model_entry(self.model).model, "loss_from_embeddings"):
+            raise ValueError(f"global_batch must be >= 2 for the contrastive model {self.model!r}, got "
+                             f"{self.global_batch}: with one pair per batch there are no negatives, the loss "
+                             "is exactly 0 and nothing is learned")
         if self.data == "shards" and not self.data_path:
             raise ValueError("data='shards' needs data_path (a directory, glob or brace pattern of .tar shards)")
 
@@ -145,7 +169,10 @@ def _tokenizer(config: PretrainConfig, vocab_size: int, info: DistInfo):
         if config.data == "shards":  # learn the vocabulary of the shards' captions
             from course_lib.data.shards import ShardDataset
             reader = ShardDataset(config.data_path, decode="rgb", split_by_node=False, split_by_worker=False)
-            texts = [s["text"] for s, _ in zip(reader, range(5000)) if s["text"].strip()]
+            texts = [bound_text(s["text"], TOKENIZER_WORDS) for s, _ in zip(reader, range(5000)) if s["text"].strip()]
+            if not texts:
+                raise ValueError(f"data_path={config.data_path!r}: the first 5000 readable samples of the shards "
+                                 "hold no caption (no non-empty txt field) to learn a tokenizer from")
         else:  # the world's vocabulary is small: 500 scenes cover it
             texts = ShapeWorld(seed=config.seed).corpus(500)
         save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size), directory)
@@ -257,13 +284,35 @@ def _batch_plan(config: PretrainConfig, world_size: int) -> tuple[int, int]:
     return micro, accum
 
 
+def _check_data_path(config: PretrainConfig) -> None:
+    """Name what is wrong with ``data_path`` before anything is built: missing, empty, a plain file."""
+    spec = config.data_path
+    if config.data != "shards" or "://" in spec or spec.startswith("pipe:"):
+        return
+    from course_lib.data.shards import list_shards
+
+    path = Path(spec)
+    if not any(c in spec for c in "*?[{"):
+        if not path.exists():
+            raise FileNotFoundError(f"data_path={spec!r} does not exist; expected a directory of .tar shards, "
+                                    "a glob or a brace pattern of them")
+        if path.is_file() and not tarfile.is_tarfile(path):
+            raise ValueError(f"data_path={spec!r} is a plain file, not a .tar shard (nor a tar that opens); give the "
+                             "directory that holds the shards (or a glob or brace pattern of them)")
+    try:
+        list_shards(spec)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"data_path={spec!r}: {str(error).removeprefix('urls_or_dir: ')}") from None
+
+
 def _resume(path: Path, config: PretrainConfig, model, optimizer, scheduler) -> tuple[int, History]:
     state = load_checkpoint(path, model, optimizer, scheduler)  # RNG states included
     saved = state["extra"]["config"]
     for name in SAME_RUN_FIELDS:
         if saved.get(name) != getattr(config, name):
             raise ValueError(f"resume: {name}={getattr(config, name)!r} differs from {saved.get(name)!r} "
-                             f"in the checkpoint {path}; use another out_dir or resume=False")
+                             f"in the checkpoint {path}; use another out_dir, or overwrite=True to replace it")
+    check_resumable(path, state["step"], config.steps)
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)  # this config's schedule (steps may differ)
     return state["step"], History.from_dict(state["history"])
@@ -272,6 +321,9 @@ def _resume(path: Path, config: PretrainConfig, model, optimizer, scheduler) -> 
 def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResult:
     device = info.device
     micro, accum = _batch_plan(config, info.world_size)
+    path = Path(config.out_dir) / "checkpoint.pt"
+    mode = start_mode(path, config.resume, config.overwrite, where="out_dir")  # refuses to overwrite by surprise
+    _check_data_path(config)
     seed_everything(config.seed)
     if device.type == "cuda":  # float32 matmuls outside autocast may use TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -284,9 +336,13 @@ def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResul
     model.to(device)
     optimizer = make_optimizer(model, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, min(config.warmup, config.steps), config.steps)
-    path, start, history = Path(config.out_dir) / "checkpoint.pt", 0, History()
-    if config.resume and path.is_file():
+    start, history = 0, History()
+    if mode == "resume":
         start, history = _resume(path, config, model, optimizer, scheduler)
+    if info.is_main:
+        print(start_line(mode, path, start, config.steps, config.resume), flush=True)
+        if mode == "overwrite" or config.resume:  # this run owns out_dir
+            remove_stale_temp_files(path)  # left by a save that was killed
     batches = _micro_batches(config, mc, info, micro, accum, start)
     example = next(batches)
     batches = chain([example], batches)
@@ -345,11 +401,10 @@ def main(argv: list[str] | None = None) -> None:
         print("  --model.<field>=value   a field of the model's config, e.g. --model.vision_layers=6")
         return
     try:
-        config = parse_args(argv)
-    except ValueError as error:
+        pretrain(parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:  # bad options, data or checkpoint: a message, no traceback
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    pretrain(config)
 
 
 if __name__ == "__main__":

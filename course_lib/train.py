@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib.checkpoint import load_checkpoint, save_checkpoint
+from course_lib.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from course_lib.utils import get_device, seed_everything
 
 
@@ -304,8 +304,60 @@ def _split_output(out, step: int) -> tuple[torch.Tensor, dict]:
     return loss.reshape(()), {k: v.reshape(()) for k, v in scalars.items()}
 
 
+def start_mode(path: str | os.PathLike, resume: bool, overwrite: bool, writes: bool = True,
+               where: str = "checkpoint_path") -> str:
+    """How a run with checkpoint file ``path`` starts: ``"fresh"``, ``"resume"`` or ``"overwrite"``.
+
+    Refuses, with a ``ValueError`` that says what to do, whatever could lose work or do nothing
+    silently: ``resume`` and ``overwrite`` together; a checkpoint path that is a dangling symlink
+    or a directory; and a run without ``resume`` that would write (``writes``) over an existing
+    checkpoint unless ``overwrite`` says so. ``resume`` without a checkpoint starts fresh (the
+    first launch of a job that always passes ``resume``). ``where`` names the option that chose
+    ``path``, for the messages.
+    """
+    path = Path(path)
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True contradict each other: resume continues the "
+                         f"checkpoint {path}, overwrite replaces it; pass one of them")
+    if not (resume or writes):
+        return "fresh"  # the path is neither read nor written
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"checkpoint {path} is a symlink to {os.readlink(path)}, which does not exist; "
+                         "point it at the checkpoint to resume, or remove the link to start fresh")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file; pick another {where}")
+    if resume:
+        return "resume" if path.exists() else "fresh"
+    if path.exists():
+        if not overwrite:
+            raise ValueError(f"checkpoint {path} already exists and this run would replace it: pass "
+                             f"resume=True to continue it, overwrite=True to replace it, or another {where}")
+        return "overwrite"
+    return "fresh"
+
+
+def check_resumable(path, step: int, steps: int) -> None:
+    """A checkpoint at ``step`` beyond this config's ``steps`` would silently train nothing."""
+    if step > steps:
+        raise ValueError(f"checkpoint {path} is at step {step}, beyond steps={steps}: resuming would train "
+                         f"nothing; pass steps >= {step} to continue it (or a new checkpoint path to start over)")
+
+
+def start_line(mode: str, path, step: int = 0, steps: int = 0, resume: bool = False) -> str:
+    """The one line every run prints: does it start fresh or resume, and from which step."""
+    if mode == "fresh" and resume:
+        return f"starting fresh: no checkpoint at {path} to resume yet"
+    if mode == "resume":
+        left = "nothing left to train" if step >= steps else f"{steps - step} steps to go"
+        return f"resuming from step {step} of checkpoint {path} ({left})"
+    if mode == "overwrite":
+        return f"starting fresh; overwrite=True: checkpoint {path} will be replaced"
+    return f"starting fresh; checkpoints go to {path}"
+
+
 def _resume_state(config, model, optimizer, scheduler) -> tuple[int, History]:
     state = load_checkpoint(config.checkpoint_path, model, optimizer, scheduler, restore_rng=True)
+    check_resumable(config.checkpoint_path, state["step"], config.steps)
     # The config's schedule is the authority (e.g. resuming with more steps): recompute the lr.
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
@@ -359,6 +411,7 @@ def train(
     loss_fn: Callable | None = None,
     resume: bool = False,
     callback: Callable | None = None,
+    overwrite: bool = False,
 ) -> History:
     """Train ``model`` for ``config.steps`` optimizer steps and return its :class:`History`.
 
@@ -366,9 +419,15 @@ def train(
         batches, re-iterated when exhausted. Tensors in the batch are moved to the device.
     loss_fn: ``loss_fn(model, batch)`` instead of ``model(batch)``.
     resume: continue from ``config.checkpoint_path`` if that file exists (same losses as a run
-        that was never interrupted, RNG states included); else start fresh.
+        that was never interrupted, RNG states included); else start fresh. A checkpoint beyond
+        ``config.steps`` or a dangling symlink is an error.
     callback: ``callback(step, history)`` after every step (e.g. to evaluate); the model is put
         back in train mode afterwards.
+    overwrite: a run without ``resume`` that saves checkpoints (``checkpoint_every``) refuses to
+        replace an existing ``checkpoint_path`` unless this is True.
+
+    A run that resumes or saves checkpoints prints one line saying whether it starts fresh or
+    resumes from step N (see :func:`start_mode`).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -379,8 +438,13 @@ def train(
     for name, fn in (("loss_fn", loss_fn), ("callback", callback)):
         if fn is not None and not callable(fn):
             raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
+    _check_bool("resume", resume)
+    _check_bool("overwrite", overwrite)
     if resume and config.checkpoint_path is None:
         raise ValueError("resume=True needs config.checkpoint_path")
+    mode = "fresh"
+    if config.checkpoint_path is not None:
+        mode = start_mode(config.checkpoint_path, resume, overwrite, writes=config.checkpoint_every > 0)
 
     seed_everything(config.seed)
     device = get_device(str(config.device) if config.device is not None else None)
@@ -388,8 +452,12 @@ def train(
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     start_step, history = 0, History()
-    if resume and Path(config.checkpoint_path).is_file():
+    if mode == "resume":
         start_step, history = _resume_state(config, model, optimizer, scheduler)
+    if resume or mode == "overwrite":  # this run owns the path
+        remove_stale_temp_files(config.checkpoint_path)  # left by a save that was killed
+    if resume or config.checkpoint_every:
+        print(start_line(mode, config.checkpoint_path, start_step, config.steps, resume), flush=True)
     runner = torch.compile(model) if config.compile else model
     compute_loss = (lambda batch: loss_fn(runner, batch)) if loss_fn is not None else runner
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -14,13 +14,16 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> torch.Generato
 
     Returns a ``torch.Generator`` seeded with ``seed`` for code that wants its own stream.
     Fixing ``threads`` matters for bit-for-bit repeatable CPU results: a reduction split over
-    a different number of threads adds its terms in a different order.
+    a different number of threads adds its terms in a different order. The environment variable
+    ``COURSE_THREADS`` overrides ``threads`` (the test command sets it when it runs notebooks in
+    parallel processes, one thread each).
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    threads = int(os.environ.get("COURSE_THREADS", 0)) or threads
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.Generator().manual_seed(seed)

@@ -1,8 +1,10 @@
 """Where each real dataset comes from: URLs, sizes, checksums, formats and licences.
 
 Sizes and checksums are the ones published or confirmed by several independent downloads;
-where we do not know them for sure they are ``None`` and only the download's own
-Content-Length is checked. ``python -m data_scripts.download --list`` prints this table.
+where we do not know them for sure they are ``None``: the first download's size and SHA-256 are
+then recorded in ``ROOT/download-lock.json`` and every later download or ``--verify-only`` is
+checked against them (trust on first use). ``python -m data_scripts.download --list`` prints
+this table.
 """
 
 from __future__ import annotations

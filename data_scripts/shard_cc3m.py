@@ -23,7 +23,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from course_lib.data.shards import ErrorPolicy, SkipSample, list_shards, open_shards
+from course_lib.data.shards import ErrorPolicy, SkipSample, group_samples, list_shards, open_shards, tar_members
 from data_scripts.common import cli, jpeg_from_bytes, make_parser, require_file, require_root, run
 from data_scripts.download import DownloadError, download
 
@@ -68,23 +68,25 @@ def build_from_url(record: tuple, cache_dir: Path, split: str, max_side: int | N
 
 def img2dataset_samples(directory: Path, dropped: Counter):
     """Raw samples of img2dataset's tar shards; unreadable shards/entries counted, not fatal."""
-    stats = {"skipped": 0, "last_error": None}
+    stats = {"skipped": 0, "last_error": None, "reasons": {}}
     policy = ErrorPolicy("skip", stats)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list_shards(directory)),
         wds.pipelinefilter(open_shards)(handler=policy),
-        wds.pipelinefilter(wds.tariterators.tar_file_expander)(handler=policy),
-        wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=policy),
+        wds.pipelinefilter(tar_members)(handler=policy),  # a cut-short shard drops its partial last sample
+        wds.pipelinefilter(group_samples)(handler=policy),
     )
     yield from pipeline
-    if stats["skipped"]:
-        dropped["unreadable_shard_entries"] += stats["skipped"]
+    for reason, count in stats["reasons"].items():
+        dropped[f"img2dataset_{reason}"] += count
 
 
 def build_from_img2dataset(sample: dict, split: str, max_side: int | None) -> dict:
     key = sample["__key__"]
     if "jpg" not in sample:
         raise SkipSample("missing_image", f"img2dataset sample {key} has no jpg")
+    if "txt" not in sample:
+        raise SkipSample("missing_txt", f"img2dataset sample {key} has no txt caption")
     jpeg, (width, height), _ = jpeg_from_bytes(sample["jpg"], f"img2dataset sample {key}", max_side)
     try:
         caption = sample.get("txt", b"").decode("utf-8").strip()

@@ -23,9 +23,11 @@
 # **Where this sits in the course.** Feature extraction (01, 03) turns text and images into
 # sequences of vectors; this notebook builds the machine that mixes vectors within a sequence and
 # across sequences, the tool of the second question, *fusion*.
+#
+# *Terms in English and Chinese: [glossary](../GLOSSARY.md).*
 
 # %% [parameters]
-SCALE = "cpu"  # "cpu": the cpu-tiny preset, about a minute; "gpu": bigger model, longer run
+SCALE = "cpu"  # "cpu": about a minute; "gpu": bigger model, longer run; "smoke": a few steps (what the tests run)
 
 # %%
 import math
@@ -41,9 +43,11 @@ from course_lib.utils import count_parameters, seed_everything
 
 seed_everything(0, threads=2)
 RUN = {
+    "smoke": dict(preset="cpu-tiny", heads=2, train_scenes=300, steps=10, batch_size=32, lr=2e-3, init_std=0.1),
     "cpu": dict(preset="cpu-tiny", heads=2, train_scenes=4000, steps=1200, batch_size=64, lr=2e-3, init_std=0.1),
     "gpu": dict(preset="gpu-small", heads=6, train_scenes=50000, steps=5000, batch_size=256, lr=5e-4, init_std=0.02),
 }[SCALE]
+from course_lib.thresholds import assert_learned  # asserts at SCALE cpu/gpu; reports at smoke
 SIZE = get_preset(RUN["preset"])  # text_width and text_layers of the text transformer
 
 # %% [markdown]
@@ -501,7 +505,8 @@ print(f"{'overall':8}{len(answers):6d}{accuracy:10.2f}{majority:10.2f}")
 # %%
 # NBVAL_CHECK_OUTPUT
 print("overall accuracy above 0.8 (majority baseline below 0.2):", accuracy > 0.8, majority < 0.2)
-assert accuracy > 0.8 and majority < 0.2, f"accuracy {accuracy:.2f}, majority baseline {majority:.2f}"
+assert majority < 0.2, f"the majority answer is {majority:.2f} of the questions: the task is too easy"
+assert_learned(accuracy > 0.8, f"accuracy {accuracy:.2f}, majority baseline {majority:.2f}", SCALE)
 
 # %% [markdown]
 # ## 7. What the attention learned
@@ -512,7 +517,8 @@ assert accuracy > 0.8 and majority < 0.2, f"accuracy {accuracy:.2f}, majority ba
 # **Layer 1, neighbours.** To know that "cyan" belongs to "triangle", a description word must read
 # the word next to it: a head that attends to the previous (or next) token, a *positional* head.
 # We measure, for every head of layer 1, the average weight a description word puts on its left
-# and on its right neighbour over all held-out inputs (a uniform head would give about 1/20):
+# and on its right neighbour over all held-out inputs, beside what a uniform head would give
+# (1 over the number of real tokens of the input, averaged the same way):
 
 # %%
 model.eval()
@@ -523,6 +529,8 @@ is_description = (val_data["token_type_ids"] == 0) & (val_data["attention_mask"]
 is_description[:, 0] = False  # not [CLS]
 left = first.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, H, L-1): query i on key i-1, for i >= 1
 right = first.diagonal(offset=1, dim1=-2, dim2=-1)  # (B, H, L-1): query i on key i+1, for i < L-1
+uniform = (is_description / val_data["attention_mask"].sum(1, keepdim=True)).sum() / is_description.sum()
+print(f"a uniform head: {uniform:.2f} on each neighbour")
 for h in range(RUN["heads"]):
     on_left = (left[:, h] * is_description[:, 1:]).sum() / is_description[:, 1:].sum()
     on_right = (right[:, h] * is_description[:, :-1]).sum() / is_description[:, :-1].sum()
@@ -537,12 +545,14 @@ for h in range(RUN["heads"]):
 # %%
 question_mark = tokenizer.convert_tokens_to_ids("?")
 color_rows = torch.nonzero(val_data["types"] == QUESTION_TYPES.index("color")).flatten()
-lookup = torch.zeros(RUN["heads"])
+lookup, uniform_lookup = torch.zeros(RUN["heads"]), 0.0
 for b in color_rows.tolist():
     ids = val_data["input_ids"][b]
     word_position = int(torch.nonzero(ids == question_mark)[0]) - 1  # "triangle" in "... the triangle ?"
     same_word = (ids == ids[word_position]) & is_description[b]  # (L,) that word in the description
     lookup += second[b, :, word_position][:, same_word].sum(-1)
+    uniform_lookup += same_word.sum().item() / val_data["attention_mask"][b].sum().item()
+print(f"a uniform head: {uniform_lookup / len(color_rows):.2f}")
 for h in range(RUN["heads"]):
     print(f"layer 2, head {h + 1}: weight of the question's shape word on the same word in the description "
           f"{lookup[h] / len(color_rows):.2f}")
@@ -571,9 +581,10 @@ def question_maps(index, layer, axes):
 
 
 def answered_right(kind):
-    """The first held-out question of this kind, about a scene of 3 objects, that the model gets right."""
-    return next(i for i, it in enumerate(val_items) if it[3] == QUESTION_TYPES.index(kind)
-                and it[0].count(",") == 1 and predicted[i] == answers[i])
+    """The first held-out question of this kind, about a scene of 3 objects, that the model gets right
+    (or the first such question at all, if it gets none right)."""
+    candidates = [i for i, it in enumerate(val_items) if it[3] == QUESTION_TYPES.index(kind) and it[0].count(",") == 1]
+    return next((i for i in candidates if predicted[i] == answers[i]), candidates[0])
 
 
 fig, axes = plt.subplots(3, RUN["heads"], figsize=(7 * RUN["heads"], 10), squeeze=False)
@@ -593,10 +604,18 @@ plt.show()
 # - in the count question, the plural ("circles") reads the matching shape word of the
 #   description: counting is finding every match, the easiest of the four types (accuracy near 1);
 # - the colour and shape questions need the *pairing* of words in the description, which only word
-#   order gives. They are the last to be learned: the learning curve flattens at about 0.8 on
-#   them within the CPU budget (over three seeds we measured 0.81-0.94 on colour and 0.77-0.91 on
-#   shape, against 0.95-0.97 on exist and 1.00 on count). Train longer (or `SCALE = "gpu"`) and they
-#   keep rising.
+#   order gives. They are the hardest types (the lowest rows of the accuracy table above) and
+#   still rising when the CPU budget ends: train longer (or `SCALE = "gpu"`) and they keep rising.
+#
+# **What the two measures showed, honestly.** Compare each head's numbers with the uniform line
+# printed above it. In this small model, trained for about a minute, no layer-1 head is a clean
+# *positional head*: a head that reads its neighbour would put most of its weight there, and these
+# heads put at most about twice the uniform weight on a neighbour. The layer-2 lookup is similar:
+# the strongest head gives the question's word two to three times the uniform weight on its match
+# in the description, a preference rather than a sharp lookup. The model still answers most colour
+# and shape questions, and these two measures do not show how it pairs the words instead. Textbook
+# circuits (a previous-token head feeding a lookup head) are what larger models trained longer tend
+# to show; read these numbers, not the textbook, when you judge what *this* model does.
 #
 # Attention maps are a view of *where information flows*, not a full explanation: a value read
 # in layer 2 is itself a mixture made in layer 1, and the classifier sees the average of all the

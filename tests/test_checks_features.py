@@ -54,12 +54,14 @@ def test_patchify_stub_and_crash():
     def stub(images, p):
         raise NotImplementedError
 
-    with pytest.raises(ExerciseError, match="NotImplementedError"):
+    with pytest.raises(ExerciseError, match="not yet: fill in stub: it still raises NotImplementedError"):
         check_patchify(stub)
-    with pytest.raises(ExerciseError, match="should be a torch.Tensor, got NoneType"):
+    with pytest.raises(ExerciseError, match="not yet: fill in <lambda>: it returned None"):
         check_patchify(lambda images, p: None)
-    with pytest.raises(ExerciseError, match="raised RuntimeError"):
+    with pytest.raises(ExerciseError, match="wrong: <lambda> raised RuntimeError"):
         check_patchify(lambda images, p: images.reshape(-1, 7))
+    with pytest.raises(ExerciseError, match="wrong: .*should be a torch.Tensor, got list"):
+        check_patchify(lambda images, p: [])
 
 
 # ------------------------------------------------------------------------------ geometry

@@ -455,6 +455,25 @@ def test_cc3m_from_img2dataset_output(server, registry_for, tmp_path):
     assert samples[1]["text"] == "caption 000000002" and samples[1]["meta"]["url"] == "http://example.org/000000002.jpg"
 
 
+def test_cc3m_from_a_cut_short_img2dataset_shard_drops_the_partial_sample(tmp_path):
+    # The fault: the partial last sample of a truncated tar came through with an empty caption.
+    root, source = tmp_path / "cc3m", tmp_path / "img2dataset"
+    root.mkdir()
+    source.mkdir()
+    with wds.TarWriter(str(source / "00000.tar")) as tar:
+        for key in ("000000000", "000000001", "000000002"):
+            tar.write({"__key__": key, "jpg": image_bytes(int(key)), "txt": f"caption {key}",
+                       "json": {"url": f"http://example.org/{key}.jpg"}})
+    data = (source / "00000.tar").read_bytes()
+    cut = data.index(b"000000002.txt")  # the header of the last caption: sample 2 has only its jpg
+    (source / "00000.tar").write_bytes(data[:cut])
+    with pytest.warns(UserWarning, match="00000.tar is corrupt or cut short"):
+        summary = shard_cc3m.main(["--root", str(root), "--out", str(tmp_path / "s"), "--img2dataset", str(source)])
+    assert summary.samples == 2
+    assert summary.skipped == {"img2dataset_corrupt_shard": 1, "img2dataset_truncated_sample": 1}
+    assert [s["text"] for s in read_shards(tmp_path / "s")] == ["caption 000000000", "caption 000000001"]
+
+
 def test_missing_inputs_name_the_path_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="coco_captions root not found: .*nowhere.*data_scripts.download "
                                                 "coco_captions"):

@@ -267,12 +267,21 @@ def test_kmeans_finds_two_blobs():
 # ---------------------------------------------------------------- ShapeWorld detector
 def test_detector_short_training_lowers_the_loss_and_outputs_detector_format():
     from course_lib.data.shapeworld import ShapeWorld, WorldConfig
-    from course_lib.features.detector import DetectorTraining, detection_targets, train_detector
+    from course_lib.features.detector import DetectorTraining, detection_loss, detection_targets, train_detector
 
     world = ShapeWorld(WorldConfig(image_size=32, seed=0))
     detector, losses = train_detector(world, config=DetectorTraining(steps=20, batch_size=16, seed=0))
-    assert len(losses) == 20
-    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3  # it learns (not a quality threshold)
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    # It learns from the pixels, not just the label statistics (how many objects, which classes,
+    # what sizes), which lower the training loss too: on 64 held-out scenes, the loss against
+    # their own images vs against the same images paired with other scenes. Measured 0.57;
+    # untrained 1.00; trained on mismatched images (statistics only) 1.00; backbone frozen 0.75.
+    val_scenes = world.scenes(range(64), "val")
+    val_images = world.images(range(64), "val")
+    with torch.no_grad():
+        own = detection_loss(detector, val_images, val_scenes)
+        others = detection_loss(detector, val_images, val_scenes[1:] + val_scenes[:1])
+    assert own < 0.7 * others
     images = world.images(range(4), "val")
     detections = detector.detect(images, threshold=0.05)
     assert len(detections) == 4

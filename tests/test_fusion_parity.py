@@ -18,6 +18,7 @@ from transformers import (BlipTextConfig, CLIPConfig, CLIPModel, LxmertConfig, L
                           VisualBertModel)
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from course_lib.fusion.base import CrossAttentionSublayer
 from course_lib.fusion.hf_import import (load_from_hf_blip_text, load_from_hf_blip_text_decoder, load_from_hf_clip,
                                          load_from_hf_lxmert, load_from_hf_visual_bert)
 from course_lib.fusion.two_tower import TwoTowerFusion
@@ -93,9 +94,22 @@ def test_cross_modality_matches_lxmert():
     _assert_close_where(got.text, expected.language_output, text_mask)
     _assert_close_where(got.image, expected.vision_output, image_mask)
     torch.testing.assert_close(got.pooled, expected.pooled_output, **TOL)
-    # LXMERT's single cross-attention serves both directions: one module per cross layer.
-    assert ours.cross_encoder[0].cross is ours.cross_encoder[0].cross
-    assert sum(1 for n, _ in ours.named_modules() if n.endswith(".cross")) == config.x_layers
+    # LXMERT's single cross-attention serves both directions. Copying one HF module into two of
+    # ours would pass the parity checks above, so count: one cross-attention module per layer,
+    # as many parameters as HF's layer, and each module called twice per forward, text queries
+    # over the 5 image tokens, then image queries over the 7 text tokens.
+    for layer, hf_layer in zip(ours.cross_encoder, hf.encoder.x_layers, strict=True):
+        assert sum(isinstance(m, CrossAttentionSublayer) for m in layer.modules()) == 1
+        assert sum(p.numel() for p in layer.parameters()) == sum(p.numel() for p in hf_layer.parameters())
+    calls = []
+    hooks = [layer.cross.register_forward_hook(
+        lambda module, args, out: calls.append((module, args[0].shape[1], args[1].shape[1])))
+        for layer in ours.cross_encoder]
+    with torch.no_grad():
+        ours(text, text_mask, image, image_mask)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [(layer.cross, *lengths) for layer in ours.cross_encoder for lengths in ((7, 5), (5, 7))]
 
 
 def _tiny_hf_clip() -> CLIPModel:

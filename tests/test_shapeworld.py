@@ -193,3 +193,161 @@ def test_invalid_calls(world):
         world.scene(0, "training")
     with pytest.raises(ValueError, match="index"):
         world.scene(-1)
+
+
+# ------------------------------------------------------------------ held-out pairs name nowhere but the compositional split
+
+HELD = (("red", "circle"), ("blue", "square"), ("green", "triangle"))
+NUM_SCENES = 20_000
+
+
+def named_pairs(text: str, config) -> set:
+    """The (colour, shape) pairs a text names: a colour word right before a shape word ("a small red
+    circle", "red circles")."""
+    words = text.replace(",", " ").replace("?", " ").split()
+    return {(a, b.removesuffix("s")) for a, b in zip(words, words[1:])
+            if a in config.colors and b.removesuffix("s") in config.shapes}
+
+
+def question_pairs(question: str, answer: str, qtype: str, config) -> set:
+    """The pairs a question and its answer name together ("what color is the circle?" "red")."""
+    pairs = named_pairs(f"{question} {answer}", config)
+    words = question[:-1].split()
+    if qtype == "color":  # what color is the <shape>?
+        pairs.add((answer, words[-1]))
+    if qtype == "shape":  # what shape is the <colour> object?
+        pairs.add((words[-2], answer))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def held_out_world():
+    """A world with three held-out pairs, noisy captions, and its first 20,000 train scenes (texts are
+    generated on first access and cached on the scene)."""
+    world = ShapeWorld(WorldConfig(held_out=HELD, caption_noise=0.1, seed=5))
+    return world, world.scenes(range(NUM_SCENES))
+
+
+def test_named_pairs_helper():
+    c = WorldConfig()
+    assert named_pairs("a large red circle, a blue square and a small green triangle", c) == {
+        ("red", "circle"), ("blue", "square"), ("green", "triangle")}
+    assert named_pairs("the red square left of the circle", c) == {("red", "square")}
+    assert question_pairs("what shape is the red object?", "circle", "shape", c) == {("red", "circle")}
+    assert named_pairs("the left image has more circles than the right image", c) == set()
+
+
+@pytest.mark.parametrize("kind", ["captions", "descriptions", "phrases", "questions"])
+def test_no_train_text_names_a_held_out_pair(held_out_world, kind):
+    from course_lib.data.shapeworld import nameable_pairs
+
+    world, scenes = held_out_world
+    c, held = world.config, set(HELD)
+    if kind == "questions":
+        texts = [(f"{q} {a}", question_pairs(q, a, t, c)) for s in scenes for q, a, t in s.questions]
+    else:
+        texts = [(t, named_pairs(t, c)) for s in scenes for t in {
+            "captions": lambda s: s.captions, "descriptions": lambda s: (s.description,),
+            "phrases": lambda s: s.region_phrases}[kind](s)]
+    offending = [t for t, pairs in texts if pairs & held]
+    assert not offending, f"{len(offending)} train {kind} name a held-out pair, e.g. {offending[:3]}"
+    assert set().union(*(pairs for _, pairs in texts)) == nameable_pairs(c, "train")  # every other pair is named
+
+
+def test_no_train_pair_statement_names_a_held_out_pair(held_out_world):
+    from course_lib.data.language import pair_statement
+
+    world, scenes = held_out_world
+    rng = np.random.default_rng(0)
+    statements = [pair_statement(scenes[i], scenes[i + 1], rng, want)
+                  for i in range(0, NUM_SCENES, 2) for want in (True, False)]
+    offending = [t for t in statements if named_pairs(t, world.config) & set(HELD)]
+    assert not offending, f"{len(offending)} statements name a held-out pair, e.g. {offending[:3]}"
+    assert sum(bool(named_pairs(t, world.config)) for t in statements) > len(statements) / 4
+
+
+def test_corpus_names_no_held_out_pair(held_out_world, monkeypatch):
+    world, scenes = held_out_world
+    # scene() is a pure function of (seed, split, index): serving the scenes already generated (their
+    # texts cached) changes nothing in corpus() but its run time.
+    monkeypatch.setattr(world, "scene", lambda index, split="train": scenes[index] if split == "train"
+                        else ShapeWorld.scene(world, index, split))
+    texts = world.corpus(NUM_SCENES)
+    assert len(texts) > 10 * NUM_SCENES
+    offending = [t for t in texts if named_pairs(t, world.config) & set(HELD)]
+    assert not offending, f"{len(offending)} corpus texts name a held-out pair, e.g. {offending[:3]}"
+    prompts = [t for t in texts if t.startswith("a photo of")]
+    assert len(prompts) == world.num_classes - len(HELD)
+
+
+def test_val_and_test_texts_name_no_held_out_pair_but_compositional_ones_do():
+    from course_lib.data.datasets import PairDataset
+
+    world = ShapeWorld(WorldConfig(held_out=HELD, seed=5))
+    for split in ("val", "test"):
+        texts = [t for i in range(2000) for s in [world.scene(i, split)] for t in
+                 (*s.captions, s.description, *s.region_phrases, *(f"{q} {a}" for q, a, _ in s.questions))]
+        texts += [statement for statement, _ in PairDataset(world, split, size=500).items]
+        texts += world.corpus(500, split)
+        assert not [t for t in texts if named_pairs(t, world.config) & set(HELD)], split
+    # The compositional split names them: every description, and absent held-out pairs in questions ("no").
+    comp = [world.scene(i, "compositional") for i in range(500)]
+    assert all(named_pairs(s.description, world.config) & set(HELD) for s in comp)
+    exist = [(q, a) for s in comp for q, a, t in s.questions if t == "exist" and named_pairs(q, world.config) & set(HELD)]
+    assert {"yes", "no"} <= {a for _, a in exist}
+    assert len([t for t in world.corpus(10, "compositional") if t.startswith("a photo of")]) == world.num_classes
+
+
+def test_only_texts_naming_a_held_out_pair_change(monkeypatch):
+    """The fix replaces a text only when it would name a held-out pair; every other text, and every
+    scene, is what the generator gave before (other notebooks' results depend on them)."""
+    import course_lib.data.shapeworld as shapeworld
+    from course_lib.data.datasets import PairDataset
+
+    config = WorldConfig(held_out=HELD, seed=5)
+
+    def generate():
+        world = ShapeWorld(config)
+        scenes = world.scenes(range(3000))
+        return ([s.objects for s in scenes], [s.questions for s in scenes],
+                [t for t, _ in PairDataset(world, "train", size=1500).items], world.corpus(300))
+
+    objects, questions, statements, corpus = generate()
+    with monkeypatch.context() as m:  # the generator before the fix: every pair may be named
+        m.setattr(shapeworld, "nameable_pairs", lambda c, split: frozenset(
+            (col, sh) for col in c.colors for sh in c.shapes))
+        old_objects, old_questions, old_statements, old_corpus = generate()
+    assert objects == old_objects
+    held, changed = set(HELD), 0
+    for new, old in zip(questions, old_questions):
+        for (q, a, t), (oq, oa, ot) in zip(new, old, strict=True):
+            if (q, a) != (oq, oa):
+                assert t == ot == "exist" and named_pairs(oq, config) & held and a == oa == "no"
+                changed += 1
+    assert changed > 100  # about 260 in 3,000 scenes
+    diff = [(n, o) for n, o in zip(statements, old_statements, strict=True) if n != o]
+    assert diff and all(named_pairs(o, config) & held for _, o in diff)
+    n = len(corpus) - (config.num_classes - len(HELD))  # the texts before the "a photo of" prompts
+    assert n == len(old_corpus) - config.num_classes
+    diff = [(new, old) for new, old in zip(corpus[:n], old_corpus[:n]) if new != old]
+    assert diff and all(named_pairs(old, config) & held for _, old in diff)
+    assert corpus[n:] == [t for t in old_corpus[n:] if not named_pairs(t, config) & held]
+
+
+def test_no_held_out_pairs_no_change():
+    """With nothing held out, nothing is filtered: the texts are the generator's as always."""
+    from course_lib.data.shapeworld import nameable_pairs
+
+    config = WorldConfig(seed=3)
+    assert nameable_pairs(config, "train") == {(c, s) for c in config.colors for s in config.shapes}
+    world = ShapeWorld(config)
+    assert world.scene(0).questions == ShapeWorld(config).scene(0).questions
+
+
+def test_held_out_texts_are_deterministic():
+    from course_lib.data.datasets import PairDataset
+
+    a, b = ShapeWorld(WorldConfig(held_out=HELD, seed=5)), ShapeWorld(WorldConfig(held_out=HELD, seed=5))
+    assert [a.scene(i).questions for i in range(300)] == [b.scene(i).questions for i in range(300)]
+    assert PairDataset(a, size=200).items == PairDataset(b, size=200).items
+    assert a.corpus(200) == b.corpus(200)

@@ -2,6 +2,7 @@
 
 import io
 import os
+import tarfile
 import warnings
 
 import numpy as np
@@ -89,19 +90,66 @@ def test_decode_rgb_resize_and_collate(tmp_path):
     assert batches[0]["text"][1] == "caption 1: ünïcode ✓" and batches[1]["meta"][0]["i"] == 3
 
 
+def raw_shard(path, samples) -> None:
+    """A shard written as it is given (bytes only, nothing checked): what a broken writer leaves."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for name, data in sample.items():
+                if name != "__key__":
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(smooth_image(i)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
-    samples = make_samples(5)
+    samples = [{"__key__": f"s{i:04d}", "jpg": jpeg(i), "txt": b"a caption", "json": b"{}"} for i in range(5)]
     samples[1]["jpg"] = b"\xff\xd8 this is not a jpeg"
     samples[3]["json"] = b"{not json"
-    write_shards(samples, tmp_path, "t", max_count=10)
+    raw_shard(tmp_path / "t-000000.tar", samples)
     dataset = ShardDataset(tmp_path, split_by_node=False, split_by_worker=False)
     with pytest.warns(UserWarning, match="skipping a corrupt sample"):
         keys = [o["key"] for o in dataset]
     assert keys == ["s0000", "s0002", "s0004"]
     assert dataset.stats["skipped"] == 2
+    assert dataset.stats["reasons"] == {"corrupt_image": 1, "corrupt_json": 1}
     assert "s0003" in dataset.stats["last_error"] and "JSON" in dataset.stats["last_error"]
     with pytest.raises(ShardError, match="sample 's0001'.*not a decodable image"):
         read_all(tmp_path, handler="raise")
+
+
+def test_writer_checks_each_sample_before_writing_it(tmp_path):
+    # The fault: invalid JPEG bytes were stored, and counted in the manifest as a sample.
+    samples = make_samples(6)
+    samples[1]["jpg"] = b"\xff\xd8 this is not a jpeg"
+    samples[2]["jpg"] = jpeg(2)[:200]  # a JPEG cut short: its header opens, its pixels do not decode
+    samples[3]["txt"] = b"\xff\xfe not utf-8"
+    samples[4]["json"] = b"{not json"
+    summary = write_shards(samples, tmp_path, "t", max_count=10)
+    assert (summary.samples, summary.written) == (2, 2)
+    assert summary.skipped == {"corrupt_image": 2, "corrupt_txt": 1, "corrupt_json": 1}
+    assert read_manifest(tmp_path, "t")["shards"][0]["skipped"] == summary.skipped
+    assert [o["key"] for o in read_all(tmp_path)] == ["s0000", "s0005"]
+    assert verify_shards(tmp_path) == {"shards": 1, "samples": 2}  # the manifest's count is the readable one
+
+
+def test_a_sample_without_its_caption_is_skipped_and_counted(tmp_path):
+    # The fault: it was yielded with an empty caption, and not counted.
+    samples = [{"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"caption {i}".encode()} for i in range(3)]
+    del samples[1]["txt"]
+    raw_shard(tmp_path / "t-000000.tar", samples)
+    dataset = ShardDataset(tmp_path, split_by_node=False, split_by_worker=False)
+    with pytest.warns(UserWarning, match="s1.*has no caption"):
+        assert [o["text"] for o in dataset] == ["caption 0", "caption 2"]
+    assert dataset.stats["reasons"] == {"missing_txt": 1}
+    assert [o["text"] for o in read_all(tmp_path, require_text=False)] == ["caption 0", "", "caption 2"]
+    with pytest.raises(ShardError, match="sample 's1'.*no caption"):
+        verify_shards(tmp_path)
 
 
 def test_corrupt_and_truncated_shards_are_named(tmp_path):

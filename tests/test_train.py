@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from course_lib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from course_lib.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, save_checkpoint
 from course_lib.train import History, TrainConfig, make_optimizer, train, warmup_cosine_schedule
 
 torch.set_num_threads(1)
@@ -182,9 +182,63 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     assert done.steps == [1, 2, 3, 4]  # the checkpoint is already at step 4: nothing left to do
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     config = quiet_config(steps=3, checkpoint_path=tmp_path / "none.pt")
     assert train(new_model(0), make_batch, config, resume=True).steps == [1, 2, 3]
+    assert "starting fresh" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+
+
+def test_a_run_without_resume_refuses_to_replace_a_checkpoint(tmp_path, capsys):
+    # The fault: a step-8 checkpoint was silently replaced by a step-2 one.
+    path = tmp_path / "ckpt.pt"
+    train(new_model(0), make_batch, quiet_config(steps=8, checkpoint_path=path, checkpoint_every=4))
+    assert "starting fresh; checkpoints go to" in capsys.readouterr().out
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"ckpt\.pt already exists.*resume=True to continue it, overwrite=True"):
+        train(new_model(0), make_batch, quiet_config(steps=2, checkpoint_path=path, checkpoint_every=1))
+    assert path.read_bytes() == before
+    assert load_checkpoint(path, new_model(0), restore_rng=False)["step"] == 8
+    # Saying so replaces it; a run that saves nothing may share the path.
+    train(new_model(0), make_batch, quiet_config(steps=2, checkpoint_path=path, checkpoint_every=1), overwrite=True)
+    assert "overwrite=True: checkpoint" in capsys.readouterr().out
+    assert load_checkpoint(path, new_model(0), restore_rng=False)["step"] == 2
+    train(new_model(0), make_batch, quiet_config(steps=2, checkpoint_path=path))
+    with pytest.raises(ValueError, match="resume=True and overwrite=True contradict"):
+        train(new_model(0), make_batch, quiet_config(steps=2, checkpoint_path=path), resume=True, overwrite=True)
+
+
+def test_resume_prints_its_step_and_refuses_fewer_steps_than_the_checkpoint(tmp_path, capsys):
+    # The fault: resuming a step-6 checkpoint with steps=3 returned at once, training nothing.
+    path = tmp_path / "ckpt.pt"
+    train(new_model(0), make_batch, quiet_config(steps=6, checkpoint_path=path, checkpoint_every=6))
+    with pytest.raises(ValueError, match=r"at step 6, beyond steps=3.*steps >= 6"):
+        train(new_model(0), make_batch, quiet_config(steps=3, checkpoint_path=path), resume=True)
+    capsys.readouterr()
+    train(new_model(0), make_batch, quiet_config(steps=6, checkpoint_path=path), resume=True)
+    assert "resuming from step 6 of checkpoint" in capsys.readouterr().out
+
+
+def test_resume_from_a_dangling_symlink_is_an_error(tmp_path):
+    # The fault: the run started from step 1 and its first save replaced the link.
+    link = tmp_path / "ckpt.pt"
+    link.symlink_to(tmp_path / "elsewhere" / "ckpt.pt")
+    config = quiet_config(steps=3, checkpoint_path=link, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"symlink to .*elsewhere/ckpt\.pt, which does not exist"):
+        train(new_model(0), make_batch, config, resume=True)
+    with pytest.raises(ValueError, match="symlink"):
+        train(new_model(0), make_batch, config)
+    assert link.is_symlink() and not link.exists()  # left as it was
+
+
+def test_a_killed_save_leaves_no_temp_file_after_resume(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train(new_model(0), make_batch, quiet_config(steps=2, checkpoint_path=path, checkpoint_every=2))
+    (tmp_path / ".ckpt.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what kill -9 mid-save leaves
+    train(new_model(0), make_batch, quiet_config(steps=3, checkpoint_path=path, checkpoint_every=1), resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -260,6 +314,31 @@ def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
     with pytest.raises(CheckpointError, match=r"bad\.pt.*corrupt or incomplete"):
         load_checkpoint(path, new_model(0))
     assert issubclass(CheckpointError, ValueError)
+
+
+class Payload:
+    """A pickled object whose unpickling runs code: what weights_only loading must stop."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("payload", ["os.system", "a class"])
+def test_refused_pickle_is_reported_as_unsafe_not_corrupt(tmp_path, payload):
+    # The fault: torch 2.13 words it "unsupported GLOBAL ... blocked"; it was reported as corrupt,
+    # with advice to delete it.
+    path = tmp_path / "foreign.pt"
+    save_checkpoint(path, new_model(0), step=3)
+    state = torch.load(path, weights_only=True)
+    state["extra"] = {"note": Payload() if payload == "os.system" else History()}
+    torch.save(state, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(path, new_model(0))
+    message = str(info.value)
+    assert "objects that weights_only loading does not allow" in message
+    assert ("posix.system" in message or "nt.system" in message) if payload == "os.system" else "History" in message
+    assert "corrupt" not in message and "delete" not in message
+    assert isinstance(info.value, CheckpointError)
 
 
 def test_mismatched_model_lists_keys(tmp_path):

@@ -21,6 +21,7 @@ Usage::
     python tools/build_notebooks.py 01 02         # only these
     python tools/build_notebooks.py --no-execute  # structure only
     python tools/build_notebooks.py 00 --only-folder solutions
+    python tools/build_notebooks.py 02 --prose-only  # only markdown changed: keep the stored outputs
 
 Executed notebooks keep their outputs: nbval compares the cells marked ``# NBVAL_CHECK_OUTPUT``
 against them, and readers see the figures without running anything.
@@ -88,12 +89,27 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def with_new_prose(built: nbformat.NotebookNode, fresh: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """``built`` (executed) with the markdown cells of ``fresh``; its code cells and outputs are kept.
+    Raises ``ValueError`` when the code cells differ: then the notebook must be executed again."""
+    def code(nb):
+        return [(c.source, c.metadata.get("tags", [])) for c in nb.cells if c.cell_type == "code"]
+
+    if code(built) != code(fresh):
+        raise ValueError("code cells changed since the notebook was built: run without --prose-only")
+    outputs = iter(c for c in built.cells if c.cell_type == "code")
+    built.cells = [next(outputs) if c.cell_type == "code" else c for c in fresh.cells]
+    return built
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Build notebooks/ and solutions/ from notebooks_src/.")
     parser.add_argument("only", nargs="*", help="notebook number prefixes, e.g. 01 02")
     parser.add_argument("--no-execute", action="store_true")
     parser.add_argument("--only-folder", choices=("notebooks", "solutions"),
                         help="build only the student notebooks or only the solutions")
+    parser.add_argument("--prose-only", action="store_true",
+                        help="update only the markdown cells of already built notebooks (refused when code changed)")
     args = parser.parse_args()
     sources = sorted(p for p in SRC.glob("*.py") if not args.only or p.name[:2] in args.only)
     if not sources:
@@ -106,7 +122,9 @@ def main() -> int:
                 continue
             nb = build(cells, solutions)
             folder.mkdir(exist_ok=True)
-            if not args.no_execute:
+            if args.prose_only:
+                nb = with_new_prose(nbformat.read(folder / f"{src.stem}.ipynb", as_version=4), nb)
+            elif not args.no_execute:
                 try:
                     seconds = execute(nb, folder)
                 except Exception:

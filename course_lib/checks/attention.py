@@ -16,7 +16,7 @@ import math
 import torch
 
 from course_lib.checks.verdict import (
-    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+    call_learner, check_callable, expect, expect_close, passed, wrong,
 )
 from course_lib.nn import MultiHeadAttention
 
@@ -86,7 +86,7 @@ def check_attention(fn) -> None:
     ``out (B, H, Nq, d)``, ``weights (B, H, Nq, Nk)``. Tolerance: atol 1e-5, rtol 1e-4 (float32).
     """
     check = "attention"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for name, q, k, v, key_mask in _attention_cases():
         result = call_learner(check, fn, q.clone(), k.clone(), v.clone(), key_mask=key_mask)
         expect(isinstance(result, (tuple, list)) and len(result) == 2, check,
@@ -113,7 +113,7 @@ def check_causal_mask(fn) -> None:
     ``MultiHeadAttention(..., causal=True)`` (atol 1e-5).
     """
     check = "causal_mask"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for n in (4, 7, 1):
         mask = call_learner(check, fn, n)
         expect(isinstance(mask, torch.Tensor), check, f"return a torch.Tensor, got {type(mask).__name__}")
@@ -137,7 +137,8 @@ def check_causal_mask(fn) -> None:
     with torch.no_grad():
         expected_out, _ = mha(x, causal=True)
         q, k, v = (_naive_split(proj(x), 2) for proj in (mha.query, mha.key, mha.value))  # (B, H, N, hd)
-        scores = (q @ k.transpose(-2, -1) / math.sqrt(mha.head_dim)).masked_fill(~fn(7), float("-inf"))
+        allowed = call_learner(check, fn, 7)  # (7, 7), checked above
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(mha.head_dim)).masked_fill(~allowed, float("-inf"))
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 8)
     expect_close(mha.out(y), expected_out, check, "attention with your mask vs MultiHeadAttention(causal=True)")
     passed(check, "lower-triangular for n = 4, 7, 1; attention with it equals course_lib's causal attention")
@@ -157,8 +158,8 @@ def check_split_merge_heads(split_fn, merge_fn) -> None:
     ``merge_fn((B, H, N, hd)) -> (B, N, H * hd)``; then rebuild course_lib's multi-head attention with
     them and compare outputs (atol 1e-5)."""
     check = "split_merge_heads"
-    check_callable("split_fn", split_fn)
-    check_callable("merge_fn", merge_fn)
+    check_callable("split_fn", split_fn, check)
+    check_callable("merge_fn", merge_fn, check)
     g = torch.Generator().manual_seed(0)
     B, N, D, H = 2, 5, 12, 3
     x = torch.randn(B, N, D, generator=g)
@@ -181,9 +182,9 @@ def check_split_merge_heads(split_fn, merge_fn) -> None:
     mha = MultiHeadAttention(D, H)
     with torch.no_grad():
         expected_out, _ = mha(x)
-        q, k, v = (split_fn(proj(x), H) for proj in (mha.query, mha.key, mha.value))  # (B, H, N, hd)
-        attn = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(-1)
-        out = mha.out(merge_fn(attn @ v))
+        q, k, v = (call_learner(check, split_fn, proj(x), H) for proj in (mha.query, mha.key, mha.value))
+        attn = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(-1)  # (B, H, N, N)
+        out = mha.out(call_learner(check, merge_fn, attn @ v))
     expect_close(out, expected_out, check, "multi-head attention built with your split/merge vs course_lib's")
     passed(check, "split and merge are inverse, put features h*hd..(h+1)*hd-1 in head h, and rebuild "
                   "course_lib.nn.MultiHeadAttention exactly")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.checks.verdict import call_learner, expect, expect_close, passed
+from course_lib.checks.verdict import call_learner, check_callable, expect, expect_close, passed
 from course_lib.features.patch import patchify
 from course_lib.features.region import box_geometry
 from course_lib.features.roi_align import bilinear_weights
@@ -15,6 +15,7 @@ def check_patchify(patchify_fn) -> None:
     """``patchify_fn(images (B, C, H, W), p) -> (B, N, C*p*p)``: patches in raster order, each
     flattened channel first, then row, then column (the layout of a ``Conv2d`` kernel)."""
     name = "check_patchify"
+    check_callable("patchify_fn", patchify_fn, name)
     g = torch.Generator().manual_seed(3)
     cases = [((2, 3, 32, 32), 8), ((1, 3, 32, 32), 4), ((2, 1, 12, 8), 4), ((1, 2, 6, 9), 3), ((3, 3, 4, 4), 4)]
     for shape, p in cases:
@@ -37,6 +38,7 @@ def check_box_geometry_5d(geometry_fn) -> None:
     """``geometry_fn(boxes (N, 4) pixels, image_size (H, W)) -> (N, 5)``:
     ``(x1/W, y1/H, x2/W, y2/H, area / (W*H))`` (ViLBERT's 5-d location feature)."""
     name = "check_box_geometry_5d"
+    check_callable("geometry_fn", geometry_fn, name)
     g = torch.Generator().manual_seed(5)
     cases = [
         (torch.tensor([[0.0, 0.0, 32.0, 32.0], [4.0, 8.0, 10.0, 14.0]]), (32, 32)),
@@ -69,6 +71,7 @@ def check_bilinear_at_point(interpolate_fn) -> None:
     """``interpolate_fn(feature_map (C, h, w), y, x) -> (C,)``: bilinear interpolation at a point with
     ``0 <= y <= h - 1`` and ``0 <= x <= w - 1`` (cell ``(i, j)`` has its centre at ``y = i, x = j``)."""
     name = "check_bilinear_at_point"
+    check_callable("interpolate_fn", interpolate_fn, name)
     g = torch.Generator().manual_seed(7)
     fmap = torch.randn(4, 5, 6, generator=g)
     points = [(2.0, 3.0), (1.25, 2.5), (0.0, 0.0), (4.0, 5.0), (4.0, 0.3), (3.7, 5.0), (0.5, 0.5)]

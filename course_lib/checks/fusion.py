@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from course_lib.checks.verdict import call_learner, expect, expect_close, passed
+from course_lib.checks.verdict import call_learner, check_callable, expect, expect_close, passed
 from course_lib.fusion.base import CrossAttentionSublayer
 from course_lib.fusion.single_stream import SingleStreamFusion
 from course_lib.nn import init_weights
@@ -33,6 +33,7 @@ def check_merged_input(merged_input_fn) -> None:
     type_embeddings (2, D)) -> (x (B, Lt + Li, D), mask (B, Lt + Li) bool)``: text first, each token plus
     its modality's type embedding (0 = text, 1 = image), and the joint key mask."""
     name = "check_merged_input"
+    check_callable("merged_input_fn", merged_input_fn, name)
     for seed in range(3):
         text, text_mask, image, image_mask = _padded_inputs(seed)
         D = text.shape[-1]
@@ -82,6 +83,7 @@ def check_co_attention_step(co_attention_fn) -> None:
     ``LN(text + W_o MHA(Q = W_q text, K = W_k image, V = W_v image))``, with ``layer`` a
     ``CrossAttentionSublayer`` (``layer.attn.query/key/value/out``, ``layer.attn.num_heads``, ``layer.norm``)."""
     name = "check_co_attention_step"
+    check_callable("co_attention_fn", co_attention_fn, name)
     for seed, heads in ((0, 2), (1, 4), (2, 1)):
         text, _, image, image_mask = _padded_inputs(seed)
         D = text.shape[-1]

@@ -1,4 +1,5 @@
-"""Check functions for notebook 05 (pretraining objectives).
+"""Check functions for notebooks 05 (masked modelling: ``check_mrc_kl``) and 06 (matching and
+contrast: ``check_info_nce``, ``check_hard_negative_weights``), the pretraining objectives.
 
 Each ``check_*`` calls the learner's function on fixed inputs, compares it with
 ``course_lib.objectives`` and prints ``PASS ...``, or raises
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.checks.verdict import (
-    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+    call_learner, check_callable, expect, expect_close, passed, wrong,
 )
 from course_lib.objectives.itc import contrastive_loss
 from course_lib.objectives.itm import _negative_weights
@@ -79,7 +80,7 @@ def check_info_nce(fn) -> None:
     respect to both feature matrices must match autograd's gradient of the library loss.
     """
     check = "info_nce"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for seed, scale in ((0, 1 / 0.07), (1, 5.0), (2, torch.tensor(30.0))):
         image, text = _info_nce_case(seed)
         image.requires_grad_(True)
@@ -119,7 +120,7 @@ def check_hard_negative_weights(fn) -> None:
     (with ``eps=0``). Checked on three non-symmetric similarity matrices (atol 1e-5).
     """
     check = "hard_negative_weights"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(5, 5, generator=g) * 3,
              torch.randn(8, 8, generator=g) * 10 + torch.arange(8.0),      # large logits: softmax must be stable
@@ -139,8 +140,8 @@ def check_hard_negative_weights(fn) -> None:
                f"the diagonal must be exactly 0 (the positive pair is never a negative), got up to {diagonal:.3g}")
         want = _reference_weights(sim)
         if not _same(weights, want) and _same(weights, _reference_weights(sim.T).T):
-            raise ExerciseError(f"{check}: not yet. You took the softmax over each column; row i holds "
-                                "query i's candidates, so use softmax(sim, dim=1)")
+            raise wrong(check, "You took the softmax over each column; row i holds "
+                               "query i's candidates, so use softmax(sim, dim=1)")
         sums = weights.sum(1)
         expect(bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-5)), check,
                f"each row must sum to 1 (renormalise after zeroing the diagonal), got row sums "
@@ -195,16 +196,16 @@ def check_mrc_kl(fn) -> None:
     exact zeros). Values and gradients, atol 1e-5, on two batches.
     """
     check = "mrc_kl"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for seed in (0, 1):
         logits, probs, masked = _mrc_case(seed)
         logits.requires_grad_(True)
         ours = call_learner(check, fn, logits, probs.clone(), masked.clone())
         expect(isinstance(ours, torch.Tensor), check, f"return a scalar tensor, got {type(ours).__name__}")
         if not bool(torch.isfinite(ours).all()):
-            raise ExerciseError(f"{check}: not yet. The loss is {ours.flatten()[0].item()}: the detector gives some "
-                                "classes probability exactly 0, and 0 * log 0 must count as 0 (use torch.xlogy(p, p) "
-                                "or F.kl_div, which do)")
+            raise wrong(check, f"The loss is {ours.flatten()[0].item()}: the detector gives some "
+                               "classes probability exactly 0, and 0 * log 0 must count as 0 (use torch.xlogy(p, p) "
+                               "or F.kl_div, which do)")
         ours = _scalar(check, ours, "the loss")
         want = region_class_loss_kl(logits, probs, masked)
         if not _same(ours, want):

@@ -1,4 +1,4 @@
-"""Check functions for notebook 06 (optimal transport and word-region alignment).
+"""Check functions for notebook 07 (optimal transport and word-region alignment).
 
 Each ``check_*`` calls the learner's function on fixed inputs, compares it with
 ``course_lib.objectives.wra`` and prints ``PASS ...``, or raises
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.checks.verdict import (
-    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+    call_learner, check_callable, expect, expect_close, passed, wrong,
 )
 from course_lib.objectives.wra import cosine_cost, ipot
 
@@ -40,7 +40,7 @@ def check_cosine_cost(fn) -> None:
     is all zeros (padding often is): there its cost is 1.
     """
     check = "cosine_cost"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 5, 8, generator=g) * 3 + 1, torch.randn(2, 3, 8, generator=g)
     original = (x.clone(), y.clone())
@@ -66,8 +66,8 @@ def check_cosine_cost(fn) -> None:
     x_zero[1, 4] = 0
     zero = _tensor(check, call_learner(check, fn, x_zero, y), "the cost", (2, 5, 3))
     if not bool(torch.isfinite(zero).all()):
-        raise ExerciseError(f"{check}: not yet. A zero vector gives NaN: its norm is 0. Clamp the norm "
-                            "(F.normalize(v, dim=-1, eps=1e-5) does) so a zero vector costs 1 against everything")
+        raise wrong(check, "A zero vector gives NaN: its norm is 0. Clamp the norm "
+                           "(F.normalize(v, dim=-1, eps=1e-5) does) so a zero vector costs 1 against everything")
     expect_close(zero, cosine_cost(x_zero, y), check, "the cost with a zero vector in x")
     passed(check, "matches course_lib's cosine_cost, scale-invariant, finite on zero vectors")
 
@@ -96,10 +96,9 @@ def _run(check: str, fn, cost, x_mask, y_mask, beta: float, steps: int):
         _tensor(check, plan, "plan", tuple(cost.shape))
         _tensor(check, a, "a", tuple(x_mask.shape))
         if not bool(torch.isfinite(plan).all()):
-            raise ExerciseError(
-                f"{check}: not yet. After step {step + 1} the plan holds NaN or inf. On padding the "
-                "kernel is 0, so Q b and a^T Q are 0 there and 0 / 0 = NaN: divide only where the "
-                "token is real (e.g. add 1 to the denominator on padding, or use torch.where)")
+            raise wrong(check, f"After step {step + 1} the plan holds NaN or inf. On padding the "
+                               "kernel is 0, so Q b and a^T Q are 0 there and 0 / 0 = NaN: divide only where the "
+                               "token is real (e.g. add 1 to the denominator on padding, or use torch.where)")
     return plan, a
 
 
@@ -112,7 +111,7 @@ def check_ipot_step(fn) -> None:
     t = 1 and t = 50 steps (atol 1e-5), with zero mass on padding and exact row sums.
     """
     check = "ipot_step"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     cost, x_mask, y_mask = _ipot_case(0)
     pad = ~(x_mask[:, :, None] & y_mask[:, None, :])
     for steps, beta in ((1, 0.5), (50, 0.5), (20, 0.2)):

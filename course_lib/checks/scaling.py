@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.checks.verdict import ExerciseError, call_learner, check_callable, expect, passed
+from course_lib.checks.verdict import call_learner, check_callable, expect, passed
 from course_lib.flops import mfu, peak_flops
 
 
@@ -54,7 +54,7 @@ def check_mfu(fn) -> None:
     each achieve; ``peak <= 0`` must raise ``ValueError``. Compared with ``course_lib.flops.mfu``
     (which looks the peak up by device name) to a relative 1e-9."""
     check = "mfu"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for samples, flops, device in _MFU_CASES:
         peak = peak_flops(device)
         want = mfu(samples, flops, device)
@@ -113,7 +113,7 @@ def check_batch_plan(fn) -> None:
     micro-batch (the fewest accumulation steps); ``world_size`` not dividing ``global_batch`` must
     raise ``ValueError``. Each plan is also run through ``course_lib.pretrain``'s batch plan."""
     check = "batch_plan"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for global_batch, world, max_micro in _PLAN_CASES:
         case = f"batch_plan(global_batch={global_batch}, world_size={world}, max_micro_batch={max_micro})"
         got = call_learner(check, fn, global_batch, world, max_micro)
@@ -169,7 +169,7 @@ def check_linear_flops(fn) -> None:
     (as inside a network), bias additions not counted, 2 FLOPs per multiply-add. Compared exactly
     with ``FlopCounterMode`` run on a real forward and backward pass."""
     check = "linear_flops"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for b, i, o in _LINEAR_CASES:
         case = f"linear_flops(batch_size={b}, in_features={i}, out_features={o})"
         want = counted_linear_flops(b, i, o)

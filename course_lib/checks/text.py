@@ -16,7 +16,7 @@ import math
 import torch
 
 from course_lib.checks.verdict import (
-    ExerciseError, call_learner, check_callable, expect, expect_close, passed,
+    CheckArgumentError, call_learner, check_callable, expect, expect_close, passed, wrong,
 )
 from course_lib.features.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, sinusoidal_positions
 
@@ -54,7 +54,7 @@ def check_mask_tokens(fn) -> None:
     modified, and the same seeded ``generator`` gives the same result.
     """
     check = "mask_tokens"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     vocab_size = 60
     input_ids = _padded_batch(256, 128, vocab_size, seed=0)
     original = input_ids.clone()
@@ -103,6 +103,8 @@ def check_mask_tokens(fn) -> None:
            "random replacements must be ordinary tokens, never a special token such as [PAD] or [CLS]")
 
     again = call_learner(check, fn, input_ids, vocab_size, MASK_ID, SPECIAL_IDS, torch.Generator().manual_seed(0))
+    expect(isinstance(again, (tuple, list)) and len(again) == 2 and all(isinstance(t, torch.Tensor) for t in again),
+           check, "a second call returned something else than two tensors")
     expect(torch.equal(again[0], masked) and torch.equal(again[1], labels), check,
            "two calls with generators seeded alike gave different results; pass generator=generator "
            "to every random draw (torch.rand, torch.randint)")
@@ -143,7 +145,7 @@ def check_sinusoidal_positions(fn) -> None:
     Tolerance: atol 1e-5 (float32 rounding of sin/cos of angles up to ~100 rad).
     """
     check = "sinusoidal_positions"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     for num_positions, dim in ((1, 2), (16, 8), (50, 64)):
         table = call_learner(check, fn, num_positions, dim)
         expected = sinusoidal_positions(num_positions, dim)
@@ -171,9 +173,10 @@ def check_wordpiece(fn, tokenizer) -> None:
     word ``[UNK]`` when some part of it matches no piece).
     """
     check = "wordpiece"
-    check_callable("fn", fn)
+    check_callable("fn", fn, check)
     if not hasattr(tokenizer, "get_vocab") or not hasattr(tokenizer, "tokenize"):
-        raise ValueError(f"tokenizer must be the trained tokenizer (train_tokenizer), got {type(tokenizer).__name__}")
+        raise CheckArgumentError(check, "tokenizer must be the trained tokenizer (train_tokenizer), "
+                                        f"got {type(tokenizer).__name__}")
     vocab = tokenizer.get_vocab()
     for word in WORDPIECE_WORDS:
         pieces = call_learner(check, fn, word, dict(vocab))
@@ -191,6 +194,6 @@ def check_wordpiece(fn, tokenizer) -> None:
             hint = " Pieces that continue a word are looked up with the '##' prefix."
         elif len(pieces) > len(expected):
             hint = " Take the LONGEST piece of the vocabulary that matches at each step."
-        raise ExerciseError(f"{check}: not yet. {word!r} should give {expected}, got {pieces}.{hint}")
+        raise wrong(check, f"{word!r} should give {expected}, got {pieces}.{hint}")
     passed(check, f"your WordPiece gives the tokenizer's pieces for all {len(WORDPIECE_WORDS)} words")
 

@@ -2,7 +2,9 @@
 question/answer pairs and true/false statements about image pairs (NLVR-like).
 
 Every sentence is generated from the scene's ground truth, so it is true of its image
-(except the captions that the ``caption_noise`` knob deliberately replaces).
+(except the captions that the ``caption_noise`` knob deliberately replaces). No text of the train,
+val or test split names a held-out (colour, shape) pair (``shapeworld.nameable_pairs``): those pairs
+are seen, and named, in the compositional split only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ import numpy as np
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _TEXT_STREAM, _NOISE_STREAM, _QA_STREAM = 1, 2, 3
+_REDRAW = 7  # last key of the side streams that replace a text naming a held-out pair
+
+
+def _redraw_rng(config, *keys: int) -> np.random.Generator:
+    """A side stream, keyed by ``(config.seed, *keys, _REDRAW)``: a tuple longer than a scene stream's
+    ``(seed, split, index, stream)``, so it is none of them. Drawing a replacement from it leaves the
+    other texts (and the streams they are drawn from) exactly as they were."""
+    return np.random.default_rng((config.seed, *keys, _REDRAW))
+
+
+def _split_id(split: str) -> int:
+    from course_lib.data.shapeworld import SPLITS
+
+    return SPLITS.index(split)
 
 
 def plural(shape: str) -> str:
@@ -127,12 +143,21 @@ QUESTION_TYPES = ("exist", "count", "color", "shape", "relation")
 
 def scene_questions(scene) -> tuple[tuple[str, str, str], ...]:
     """Question/answer pairs of every type the scene supports; yes/no answers are balanced."""
+    from course_lib.data.shapeworld import nameable_pairs
+
     c, objs, rng = scene.config, scene.objects, scene.rng(_QA_STREAM)
     qa: list[tuple[str, str, str]] = []
     present = sorted({(o.color, o.shape) for o in objs})
     absent = [(col, sh) for col in c.colors for sh in c.shapes if (col, sh) not in present]
     pick_present = bool(rng.integers(2)) or not absent
     col, sh = (present if pick_present else absent)[int(rng.integers(len(present if pick_present else absent)))]
+    nameable = nameable_pairs(c, scene.split)
+    if (col, sh) not in nameable:  # an absent held-out pair outside the compositional split: ask about
+        side = _redraw_rng(c, _split_id(scene.split), scene.index, _QA_STREAM)  # another absent pair
+        allowed = [p for p in absent if p in nameable]
+        pick_present = not allowed
+        pool = present if pick_present else allowed
+        col, sh = pool[int(side.integers(len(pool)))]
     qa.append((f"is there {article(col)} {col} {sh}?", "yes" if pick_present else "no", "exist"))
 
     shape = c.shapes[int(rng.integers(len(c.shapes)))]
@@ -167,16 +192,29 @@ def answer_vocabulary(config) -> tuple[str, ...]:
 
 # ------------------------------------------------------------ image pairs (NLVR-like)
 def pair_statement(left, right, rng: np.random.Generator, want_true: bool) -> str:
-    """A statement about two scenes whose truth is ``want_true`` (drawn until it matches)."""
+    """A statement about two scenes whose truth is ``want_true`` (drawn until it matches).
+
+    It never names a held-out pair unless one of the scenes is from the compositional split. When the
+    statement drawn from ``rng`` would, the next draws come from a side stream of the two scenes, so
+    ``rng`` advances exactly as if that statement had been kept and the following statements stay the same.
+    """
+    from course_lib.data.shapeworld import nameable_pairs
+
     c = left.config
+    nameable = nameable_pairs(c, left.split) | nameable_pairs(c, right.split)
+    draw = rng
     for _ in range(1000):
-        text, truth = _random_pair_statement(left, right, rng, c)
+        text, truth, pair = _random_pair_statement(left, right, draw, c)
         if truth == want_true:
-            return text
+            if pair is None or pair in nameable:
+                return text
+            if draw is rng:
+                draw = _redraw_rng(c, _split_id(left.split), left.index, _split_id(right.split), right.index)
     raise RuntimeError("could not draw a statement with the requested truth value")
 
 
-def _random_pair_statement(left, right, rng, c) -> tuple[str, bool]:
+def _random_pair_statement(left, right, rng, c) -> tuple[str, bool, tuple[str, str] | None]:
+    """``(statement, truth, the (colour, shape) pair it names or None)``."""
     kind = int(rng.integers(4))
     objects = left.objects + right.objects
     if rng.random() < 0.5:  # half the time talk about an object that is there
@@ -187,31 +225,35 @@ def _random_pair_statement(left, right, rng, c) -> tuple[str, bool]:
     has = lambda s: any(o.color == col and o.shape == sh for o in s.objects)  # noqa: E731
     count = lambda s: sum(o.shape == sh for o in s.objects)  # noqa: E731
     if kind == 0:
-        return f"both images contain {article(col)} {col} {sh}", has(left) and has(right)
+        return f"both images contain {article(col)} {col} {sh}", has(left) and has(right), (col, sh)
     if kind == 1:
         side, scene = (("left", left), ("right", right))[int(rng.integers(2))]
-        return f"the {side} image contains {article(col)} {col} {sh}", has(scene)
+        return f"the {side} image contains {article(col)} {col} {sh}", has(scene), (col, sh)
     if kind == 2:
-        return (f"the left image has more {plural(sh)} than the right image", count(left) > count(right))
+        return (f"the left image has more {plural(sh)} than the right image", count(left) > count(right), None)
     total = len(objects)
     n = total if rng.random() < 0.5 else int(rng.integers(2 * c.min_objects, 2 * c.max_objects + 1))
-    return f"the two images contain {count_phrase(n, 'object')} in total", n == total
+    return f"the two images contain {count_phrase(n, 'object')} in total", n == total, None
 
 
 # ---------------------------------------------------------------------------- corpus
 def corpus(world, num_scenes: int = 2000, split: str = "train") -> list[str]:
-    """All the text of ``num_scenes`` scenes (for training a tokenizer)."""
+    """All the text of ``num_scenes`` scenes of ``split`` (for training a tokenizer), and a prompt
+    ``"a photo of a red circle"`` per (colour, shape) pair the split may name."""
+    from course_lib.data.shapeworld import nameable_pairs
+
     texts: list[str] = []
     c = world.config
-    for i in range(num_scenes):
-        s = world.scene(i, split)
+    scenes = world.scenes(range(num_scenes + num_scenes % 2), split)  # an even number: pairs (i, i + 1)
+    for s in scenes[:num_scenes]:
         texts += list(s.captions) + list(s.region_phrases)
         for q, a, _ in s.questions:
             texts += [q, a]
     rng = np.random.default_rng([c.seed, 99])
     for i in range(0, num_scenes, 2):
-        a, b = world.scene(i, split), world.scene(i + 1, split)
-        texts.append(pair_statement(a, b, rng, bool(rng.integers(2))))
+        texts.append(pair_statement(scenes[i], scenes[i + 1], rng, bool(rng.integers(2))))
     texts += list(answer_vocabulary(c))  # every answer word is seen at least once
-    texts += [f"a photo of {article(n)} {n}" for n in (f"{col} {sh}" for col in c.colors for sh in c.shapes)]
+    nameable = nameable_pairs(c, split)
+    texts += [f"a photo of {article(n)} {n}"
+              for n in (f"{col} {sh}" for col in c.colors for sh in c.shapes if (col, sh) in nameable)]
     return texts

@@ -53,7 +53,8 @@ _GAP = 0.02  # minimum free space between two objects' boxes
 class WorldConfig:
     """What a ShapeWorld looks like. Every field is checked in ``__post_init__``.
 
-    held_out: (colour, shape) pairs that never appear in the train/val/test splits and appear in
+    held_out: (colour, shape) pairs that never appear in the train/val/test splits, neither in a scene
+    nor in a text (not even in a question answered "no"; see :func:`nameable_pairs`), and appear in
     every scene of the ``"compositional"`` split (the compositional generalisation test).
     caption_noise: fraction of captions replaced by the caption of another scene (web data is noisy).
     """
@@ -142,6 +143,20 @@ class SceneObject:
     def name(self) -> str:
         """``"large red circle"``"""
         return f"{self.size} {self.color} {self.shape}"
+
+
+@lru_cache(maxsize=64)
+def nameable_pairs(config: WorldConfig, split: str) -> frozenset[tuple[str, str]]:
+    """The ``(colour, shape)`` pairs that scenes and texts of ``split`` may show or name: every pair in
+    the ``"compositional"`` split, every pair but ``config.held_out`` in train, val and test.
+
+    Texts of the other splits never name a held-out pair, not even in a question answered "no" or a
+    false statement: a VQA model that read "is there a red circle? no" in training would learn
+    "held-out pair -> no" and look compositional on the compositional split when it is not.
+    """
+    check_one_of("split", split, SPLITS)
+    pairs = {(col, sh) for col in config.colors for sh in config.shapes}
+    return frozenset(pairs if split == "compositional" else pairs - set(config.held_out))
 
 
 def _rng(config: WorldConfig, split: str, index: int, stream: int) -> np.random.Generator:

@@ -14,7 +14,17 @@ On disk, ``write_shards`` produces::
 
 A shard is written under a temporary name and renamed when it is complete, so a crash never
 leaves half a shard under a final name; ``resume=True`` keeps the complete shards and goes on
-from the first input item they do not cover.
+from the first input item they do not cover. The writer checks that every image decodes (and
+every ``txt`` / ``json`` field parses) before it writes the sample: an unusable one is skipped
+and counted in the manifest, never stored.
+
+Reading skips what it cannot use and counts it by reason in ``ShardDataset.stats``: a shard
+that cannot be opened or breaks off (``corrupt_shard``; its last sample, which may have lost
+fields, is dropped as ``truncated_sample``), a sample without an image (``missing_image``) or
+without a caption (``missing_txt``), an image that does not decode (``corrupt_image``), a
+caption or JSON that does not parse (``corrupt_txt``, ``corrupt_json``), a field twice in one
+sample (``duplicate_field``). A caption is read up to ``max_text_bytes`` (1 MiB): the rest is
+skipped without being held in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import logging
 import os
 import re
+import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +59,8 @@ MANIFEST_SUFFIX = "-manifest.json"
 JPEG_QUALITY = 95
 TAR_MTIME = 0.0  # fixed member times: the same samples always give byte-identical shards
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+MAX_TEXT_BYTES = 1 << 20  # a caption is read up to 1 MiB; the model reads tens of tokens of it
+TAR_END = bytes(1024)  # a complete tar ends with two zero blocks (POSIX end-of-archive)
 
 
 class SkipSample(Exception):
@@ -132,12 +145,46 @@ def encode_image(image: Any, quality: int = JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
+def check_image_bytes(data: bytes, where: str) -> None:
+    """Raise ``SkipSample("corrupt_image")`` unless ``data`` decodes fully as an image.
+
+    A full decode (``load``), not just the header: a truncated JPEG fails here, not at training time.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exn:
+        raise SkipSample("corrupt_image", f"{where}: image bytes do not decode ({exn})") from exn
+
+
+def _check_encoded_fields(out: dict, raw: dict) -> None:
+    """The checks the reader makes, made before writing: images decode, txt is UTF-8, json parses.
+
+    Images the writer encoded itself (PIL, numpy) are known to decode; bytes given as they are
+    are decoded once here.
+    """
+    key = out["__key__"]
+    for name in IMAGE_FIELDS:
+        if name in out and isinstance(raw.get(name), (bytes, bytearray, memoryview)):
+            check_image_bytes(out[name], f"sample {key!r} field {name!r}")
+    try:
+        if "txt" in out:
+            out["txt"].decode("utf-8")
+        if "json" in out:
+            json.loads(out["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        reason = "corrupt_txt" if isinstance(exn, UnicodeDecodeError) else "corrupt_json"
+        raise SkipSample(reason, f"sample {key!r}: {exn}") from exn
+
+
 def encode_sample(sample: dict, quality: int = JPEG_QUALITY) -> dict:
     """Turn a sample dict into the bytes a tar member holds.
 
     ``__key__``: str without dots (webdataset splits names at the first dot);
     ``jpg``: see ``encode_image``; ``txt``: str; ``json``: any JSON value (bytes/str pass
-    through as already encoded); other fields: bytes or str.
+    through as already encoded); other fields: bytes or str. Raises ``SkipSample`` when image
+    bytes do not decode (``corrupt_image``) or txt / json bytes do not parse (``corrupt_txt``,
+    ``corrupt_json``): what the reader would skip is never written.
     """
     if not isinstance(sample, dict):
         raise ValueError(f"samples must be dicts, got {type(sample).__name__}")
@@ -160,6 +207,7 @@ def encode_sample(sample: dict, quality: int = JPEG_QUALITY) -> dict:
             out[name] = bytes(value)
         else:
             raise ValueError(f"sample {key!r}: field {name!r} must be str or bytes, got {type(value).__name__}")
+    _check_encoded_fields(out, sample)
     return out
 
 
@@ -276,6 +324,8 @@ def write_shards(
     "txt": str, "json": dict, ...}`` or a zero-argument callable returning one; a callable may
     raise ``SkipSample(reason)`` to skip an unusable input item (counted, never fatal), and is
     only called when the item is written, so resuming does not reload skipped-over items.
+    Image bytes that do not decode, and txt / json that do not parse, are skipped the same way
+    (``corrupt_image``, ``corrupt_txt``, ``corrupt_json``): the manifest counts only readable samples.
 
     ``resume=True`` keeps the complete shards listed in ``prefix-manifest.json`` and skips the
     input items they cover (the input must come in the same order as before); ``resume=False``
@@ -304,11 +354,12 @@ def write_shards(
         for consumed, item in enumerate(iterator, start=already + 1):
             try:
                 sample = item() if callable(item) else item
+                encoded = encode_sample(sample, jpeg_quality)
             except SkipSample as skip:
                 sink.skip(skip.reason)
                 log.debug("skipped input item %d: %s", consumed - 1, skip)
                 continue
-            sink.write(encode_sample(sample, jpeg_quality), consumed)
+            sink.write(encoded, consumed)
     except StopIteration:
         raise ValueError(
             f"samples: resuming needs at least the {already} input items the kept shards cover; "
@@ -372,11 +423,13 @@ def list_shards(urls_or_dir: str | Path | Iterable[str | Path]) -> list[str]:
 
 
 class ShardError(ValueError):
-    """A corrupt shard or sample, named with what is wrong (raised with ``handler="raise"``)."""
+    """A corrupt shard or sample, named with what is wrong (raised with ``handler="raise"``);
+    ``reason`` is the name it is counted under when skipped (e.g. ``"missing_txt"``)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str = "corrupt_sample"):
         super().__init__(message)
         self.message = message
+        self.reason = reason
 
     def __str__(self) -> str:  # webdataset appends context to args; the message already names it
         return self.message
@@ -398,7 +451,8 @@ def describe_error(exn: BaseException) -> str:
 class ErrorPolicy:
     """A webdataset handler: ``"skip"`` counts the error in ``stats`` and goes on,
     ``"raise"`` raises a ``ShardError`` (a ``ValueError``) naming the shard or sample and what
-    is wrong."""
+    is wrong. ``stats``: ``{"skipped": total, "last_error": str, "reasons": {reason: count}}``
+    (a ``ShardError``'s ``reason``; ``"error"`` for anything else)."""
 
     def __init__(self, mode: str, stats: dict):
         check_one_of("handler", mode, ("skip", "raise"))
@@ -416,6 +470,9 @@ class ErrorPolicy:
                           f"counted in dataset.stats", stacklevel=2)
         self.stats["skipped"] += 1
         self.stats["last_error"] = message
+        reasons = self.stats.setdefault("reasons", {})
+        reason = getattr(exn, "reason", None) or "error"
+        reasons[reason] = reasons.get(reason, 0) + 1
         log.debug("skipped: %s", message)
         return True
 
@@ -426,12 +483,148 @@ def open_shards(source: Iterable[dict], handler: Callable[[BaseException], bool]
         try:
             stream = wds.gopen(item["url"])
         except Exception as exn:
-            exn.args = exn.args + (item["url"],)
-            if handler(exn):
+            error = ShardError(f"{type(exn).__name__}: {exn} (shard {item['url']} cannot be opened)",
+                               reason="corrupt_shard")
+            if handler(error):
                 continue
             break
         with stream:
             yield {**item, "stream": stream}
+
+
+class _TailReader:
+    """A file wrapper for ``tarfile``'s stream mode that remembers the first and last bytes read."""
+
+    def __init__(self, fileobj, keep: int = len(TAR_END)):
+        self.fileobj, self.keep = fileobj, keep
+        self.head, self.tail = b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        if len(self.head) < 4:
+            self.head = (self.head + data)[:4]
+        self.tail = (self.tail + data[-self.keep:])[-self.keep:]
+        return data
+
+    def ends_like_a_tar(self) -> bool:
+        """Read to the end; True if the file ends with the two zero blocks of a complete tar.
+
+        tarfile stops quietly at a shard cut between two members, or inside the zero padding of
+        a member; the missing end-of-archive marker is what tells. Compressed shards are checked
+        by their decompressor instead.
+        """
+        while self.read(1 << 16):
+            pass
+        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+        return compressed or self.tail == TAR_END
+
+
+def _read_members(fileobj, url: str, max_text_bytes: int, reading: dict):
+    """The regular members of one tar as ``{"fname", "data", "__url__"}``; a ``txt`` member is read
+    up to ``max_text_bytes`` (cut at a character boundary), the rest of it skipped unread.
+    ``reading["fname"]`` names the member whose data is being read (None between members)."""
+    reader = _TailReader(fileobj)
+    stream = tarfile.open(fileobj=reader, mode="r|*")
+    for info in stream:
+        if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+            continue
+        reading["fname"] = info.name
+        member = stream.extractfile(info)
+        suffix = info.name.rsplit("/", 1)[-1].split(".", 1)[-1].lower()
+        if suffix == "txt" and info.size > max_text_bytes:
+            data = _utf8_prefix(member.read(max_text_bytes))
+        else:
+            data = member.read()
+        reading["fname"] = None
+        yield {"fname": info.name, "data": data, "__url__": url}
+        stream.members = []  # tarfile keeps every TarInfo otherwise
+    if not reader.ends_like_a_tar():
+        raise tarfile.ReadError("the shard ends without the tar end-of-archive blocks: it was cut short")
+
+
+def _utf8_prefix(data: bytes) -> bytes:
+    """``data`` (UTF-8 cut at a byte count) without the multi-byte character cut at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: the last character is whole
+            return data
+        if byte >= 0xC0:  # the lead byte of the last character, which needs 2, 3 or 4 bytes
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= need else data[:-back]
+    return data
+
+
+def tar_members(sources: Iterable[dict], handler: Callable[[BaseException], bool],
+                max_text_bytes: int = MAX_TEXT_BYTES):
+    """``{"url", "stream"}`` -> one ``{"fname", "data", "__url__"}`` per tar member, then ``{}``
+    at the end of each shard.
+
+    A shard that breaks off (cut short, or not a tar at all) goes to ``handler`` as a
+    ``ShardError`` (reason ``corrupt_shard``) naming it, and ends with
+    ``{"__broken__": url, "fname": the member being read, or None}`` instead of ``{}``, so that
+    :func:`group_samples` drops the sample that was being read.
+    """
+    for source in sources:
+        url, reading = source["url"], {"fname": None}
+        try:
+            yield from _read_members(source["stream"], url, max_text_bytes, reading)
+        except Exception as exn:  # tarfile.ReadError, EOFError, OSError, zlib.error, ...
+            if not handler(ShardError(f"{type(exn).__name__}: {exn} (shard {url} is corrupt or cut short)",
+                                      reason="corrupt_shard")):
+                return
+            yield {"__broken__": url, "fname": reading["fname"]}
+            continue
+        yield {}
+
+
+def group_samples(members: Iterable[dict], handler: Callable[[BaseException], bool]):
+    """Tar members -> raw samples ``{"__key__", "__url__", field: bytes}``: consecutive members
+    whose names share the part before the first dot form one sample.
+
+    The sample being read when a shard broke off may lack fields that were in the lost part:
+    it is dropped (reason ``truncated_sample``): the sample of the member whose data broke off,
+    or, when the break falls between members, the last sample begun. A field twice in one
+    sample keeps its first value (reason ``duplicate_field``).
+    """
+    current = None
+    for member in members:
+        if "__broken__" in member:
+            broken_key = wds.tariterators.base_plus_ext(member["fname"])[0] if member["fname"] else None
+            if current is not None and broken_key is not None and broken_key != current["__key__"]:
+                yield current  # complete: the break came in the next sample
+                current = None
+            if current is None and broken_key is not None:
+                current = {"__key__": broken_key, "__url__": member["__broken__"]}
+            if current is not None:
+                error = ShardError(f"sample {current['__key__']!r} in {current['__url__']} was being read when the "
+                                   "shard broke off; dropped, as it may be incomplete", reason="truncated_sample")
+                current = None
+                if not handler(error):
+                    return
+            continue
+        if member == {}:  # the end of a shard
+            if current is not None:
+                yield current
+            current = None
+            continue
+        key, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key, "__url__": member["__url__"]}
+        if suffix in current:
+            error = ShardError(f"sample {key!r} in {member['__url__']} has the field {suffix!r} twice; "
+                               "the first one is kept", reason="duplicate_field")
+            if not handler(error):
+                return
+            continue
+        current[suffix] = member["data"]
+    if current is not None:
+        yield current
 
 
 def _open_image(data: bytes, where: str) -> Image.Image:
@@ -440,7 +633,7 @@ def _open_image(data: bytes, where: str) -> Image.Image:
         image.load()
         return image.convert("RGB")
     except Exception as exn:
-        raise ShardError(f"{where}: image bytes are not a decodable image ({exn})") from exn
+        raise ShardError(f"{where}: image bytes are not a decodable image ({exn})", reason="corrupt_image") from exn
 
 
 def _resize(image: Image.Image, image_size: int | tuple[int, int]) -> Image.Image:
@@ -461,26 +654,34 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def decode_sample(sample: dict, decode: str = "tensor", image_size=None) -> dict:
+def decode_sample(sample: dict, decode: str = "tensor", image_size=None, require_text: bool = True) -> dict:
     """Raw shard sample -> ``{"image", "text", "meta", "key", "shard"}``.
 
     image: (3, H, W) float in [0, 1] (``decode="tensor"``) or a PIL RGB image (``"rgb"``).
-    Raises ``ValueError`` naming the sample and shard when a field cannot be decoded.
+    Raises ``ShardError`` (a ``ValueError``) naming the sample and shard, with a ``reason``,
+    when the image is missing or does not decode, when the caption is missing (with
+    ``require_text``: a sample without ``txt`` is not an image-text pair) or is not UTF-8, or
+    when the json does not parse. A sample without json gets ``meta == {}``.
     """
     key, shard = sample.get("__key__"), sample.get("__url__")
     where = f"sample {key!r} in {shard}"
+    fields = sorted(k for k in sample if not k.startswith("__"))
     field_name = next((name for name in IMAGE_FIELDS if name in sample), None)
     if field_name is None:
-        fields = sorted(k for k in sample if not k.startswith("__"))
-        raise ShardError(f"{where} has no image (fields: {fields})")
+        raise ShardError(f"{where} has no image (fields: {fields})", reason="missing_image")
+    if require_text and "txt" not in sample:
+        raise ShardError(f"{where} has no caption: no .txt member (fields: {fields})", reason="missing_txt")
     image = _open_image(sample[field_name], where)
     if image_size is not None:
         image = _resize(image, image_size)
     try:
         text = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    except UnicodeDecodeError as exn:
+        raise ShardError(f"{where}: txt field is not valid UTF-8 ({exn})", reason="corrupt_txt") from exn
+    try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ShardError(f"{where}: txt/json field is not valid UTF-8/JSON ({exn})") from exn
+        raise ShardError(f"{where}: json field is not valid JSON ({exn})", reason="corrupt_json") from exn
     return {
         "image": image_to_tensor(image) if decode == "tensor" else image,
         "text": text,
@@ -513,10 +714,13 @@ class ShardDataset(IterableDataset):
     list identically (seed + epoch, see ``set_epoch``) before splitting.
 
     handler: ``"skip"`` skips corrupt samples and shards and counts them in ``self.stats``
-    (``{"skipped": n, "last_error": str}``; with DataLoader workers each worker counts its
-    own); ``"raise"`` raises a ``ValueError`` naming the shard/sample.
+    (``{"skipped": n, "last_error": str, "reasons": {reason: n}}``, reasons as in the module
+    docstring; with DataLoader workers each worker counts its own); ``"raise"`` raises a
+    ``ValueError`` naming the shard/sample.
     image_size: None keeps sizes; an int gives square images (shorter side resized, centre
     crop); (H, W) resizes.
+    require_text: skip samples without a ``txt`` caption (``missing_txt``); False gives them ``""``.
+    max_text_bytes: a caption is read up to this many bytes (the rest is skipped unread).
     """
 
     def __init__(
@@ -529,9 +733,15 @@ class ShardDataset(IterableDataset):
         split_by_worker: bool = True,
         handler: str = "skip",
         seed: int = 0,
+        require_text: bool = True,
+        max_text_bytes: int = MAX_TEXT_BYTES,
     ):
         super().__init__()
         check_one_of("decode", decode, ("tensor", "rgb"))
+        if not isinstance(require_text, bool):
+            raise ValueError(f"require_text must be True or False, got {require_text!r}")
+        if not isinstance(max_text_bytes, int) or isinstance(max_text_bytes, bool) or max_text_bytes < 1:
+            raise ValueError(f"max_text_bytes must be an int >= 1, got {max_text_bytes!r}")
         if image_size is not None:
             ok_int = isinstance(image_size, int) and image_size > 0
             ok_pair = isinstance(image_size, tuple) and len(image_size) == 2 and all(
@@ -541,7 +751,7 @@ class ShardDataset(IterableDataset):
         if not isinstance(shuffle, int) or shuffle < 0:
             raise ValueError(f"shuffle must be a buffer size >= 0 (0 = no shuffling), got {shuffle!r}")
         self.urls = list_shards(urls_or_dir)
-        self.stats = {"skipped": 0, "last_error": None}
+        self.stats = {"skipped": 0, "last_error": None, "reasons": {}}
         self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
         policy = ErrorPolicy(handler, self.stats)
         self._shufflers = []
@@ -555,14 +765,14 @@ class ShardDataset(IterableDataset):
             stages.append(wds.split_by_worker)
         stages += [
             wds.pipelinefilter(open_shards)(handler=policy),
-            wds.pipelinefilter(wds.tariterators.tar_file_expander)(handler=policy),
-            wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=policy),
+            wds.pipelinefilter(tar_members)(handler=policy, max_text_bytes=max_text_bytes),
+            wds.pipelinefilter(group_samples)(handler=policy),
         ]
         if shuffle:
             self._shufflers.append(wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=seed))
             stages.append(self._shufflers[-1])
-        stages.append(wds.map(functools.partial(decode_sample, decode=decode, image_size=image_size),
-                              handler=policy))
+        stages.append(wds.map(functools.partial(decode_sample, decode=decode, image_size=image_size,
+                                                require_text=require_text), handler=policy))
         self.pipeline = wds.DataPipeline(*stages)
 
     def set_epoch(self, epoch: int) -> None:
@@ -595,13 +805,14 @@ class ShardDataset(IterableDataset):
         return iter(self.pipeline)
 
 
-def verify_shards(urls_or_dir) -> dict:
+def verify_shards(urls_or_dir, require_text: bool = True) -> dict:
     """Read every sample of every shard; return ``{"shards": n, "samples": n}``.
 
-    Raises ``ValueError`` naming the first corrupt shard or sample, or a shard whose sample
-    count differs from its manifest.
+    Raises ``ValueError`` naming the first corrupt shard or sample (or, with ``require_text``,
+    sample without a caption), or a shard whose sample count differs from its manifest.
     """
-    dataset = ShardDataset(urls_or_dir, handler="raise", split_by_node=False, split_by_worker=False)
+    dataset = ShardDataset(urls_or_dir, handler="raise", split_by_node=False, split_by_worker=False,
+                           require_text=require_text)
     expected = {}
     for directory in {os.path.dirname(u) for u in dataset.urls}:
         for path in glob.glob(os.path.join(glob.escape(directory), f"*{MANIFEST_SUFFIX}")):

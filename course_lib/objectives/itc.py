@@ -33,6 +33,20 @@ def _check_features(image_feats: torch.Tensor, text_feats: torch.Tensor) -> None
         raise ValueError("image_feats must hold at least one pair")
 
 
+def _check_enough_pairs(pairs: int) -> None:
+    """Refuse a contrastive batch of fewer than 2 pairs (over all processes).
+
+    With one pair, the only candidate for the image is its own caption: the softmax is 1, the
+    loss is exactly 0 and its gradient is 0, so a run "trains" at loss 0 and learns nothing.
+    """
+    if pairs < 2:
+        raise ValueError(
+            f"a contrastive batch needs at least 2 image-text pairs, got {pairs}: with a single pair "
+            "there are no negatives, the loss is exactly 0 and nothing is learned; use a batch "
+            "(global_batch) of 2 or more"
+        )
+
+
 def _symmetric_ce(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
                   labels: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
@@ -43,7 +57,9 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor,
     """Single-process symmetric InfoNCE: (B, D), (B, D), scale -> scalar.
 
     ``logit_scale`` is the multiplier ``1 / temperature`` (already exponentiated, as open_clip's
-    model returns it) and must be > 0. Features are L2-normalised here.
+    model returns it) and must be > 0. Features are L2-normalised here. A single pair gives the
+    loss's true value, 0 (there is nothing to contrast; ``course_lib.checks`` grades exactly
+    this); the training module :class:`ContrastiveLoss` refuses such a batch instead.
     """
     _check_features(image_feats, text_feats)
     scale = torch.as_tensor(logit_scale)
@@ -98,6 +114,8 @@ class ContrastiveLoss(nn.Module):
     ``exp(logit_scale)`` in [1, max_logit_scale]. When ``torch.distributed`` is initialised with
     more than one process, features are gathered across ranks (see the module docstring);
     ``local_loss=True`` scores only the local rows against all columns: O(B * world * B) memory.
+    A batch of fewer than 2 pairs over all processes raises ``ValueError``: it has no negatives,
+    so its loss is exactly 0 and a training run would learn nothing without noticing.
     """
 
     def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
@@ -130,9 +148,10 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         _check_features(image_feats, text_feats)
+        rank, world_size = _world()
+        _check_enough_pairs(world_size * image_feats.shape[0])  # every rank holds the same B
         scale = self.logit_scale.exp()
         img, txt = F.normalize(image_feats, dim=-1), F.normalize(text_feats, dim=-1)
-        rank, world_size = _world()
         if world_size == 1:
             return _single_process_loss(img, txt, scale)
         all_img, all_txt = gather_features(img, txt, self.local_loss, self.gather_with_grad)
