@@ -49,7 +49,7 @@ from course_lib.thresholds import assert_learned  # asserts at SCALE cpu/gpu; re
 #
 # A model file in `course_lib/models/` then reads like the paper's figure: this extractor, that
 # fusion, these losses. The notebooks follow the same order: text features (01), the transformer
-# (02), image and video features (03), fusion styles (04), objectives (05), optimal transport (06),
+# (02), image and video features (03), fusion styles (04), masked modelling (05), matching and contrast (06), optimal transport (07),
 # then one system after another, and finally scaling up to real data on GPUs (20).
 
 # %% [markdown]
@@ -232,7 +232,7 @@ print("a grounding item:", grounding[3]["phrase"], "->", [round(v, 3) for v in g
 # $$\mathcal L = \frac12\Big[\frac1B\sum_i -\log\frac{e^{S_{ii}}}{\sum_j e^{S_{ij}}}
 #               + \frac1B\sum_j -\log\frac{e^{S_{jj}}}{\sum_i e^{S_{ij}}}\Big]$$
 #
-# You will build it piece by piece later (features in 01–03, two towers in 04, the loss in 05);
+# You will build it piece by piece later (features in 01–03, two towers in 04, the loss in 06);
 # here we use the library's version as a preview: a ViT with 4-pixel patches and a 2-layer text
 # transformer, both of width 64. First a tokenizer trained on ShapeWorld's text:
 

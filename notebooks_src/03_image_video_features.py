@@ -60,8 +60,9 @@ from torch import nn
 
 from course_lib.utils import get_device, seed_everything
 
-seed_everything(0, threads=1)  # our models are tiny: splitting their small products over two threads
-# costs more in synchronisation than it saves (much more when other programs share the cores)
+# On a CPU our models are tiny: splitting their small products over two threads costs more in
+# synchronisation than it saves (much more when other programs share the cores), so one thread.
+seed_everything(0, threads=None if SCALE == "gpu" else 1)
 from course_lib.data import DetectorConfig, ShapeWorld, WorldConfig
 from course_lib.data.datasets import VideoDataset
 from course_lib.evaluate import box_iou
@@ -908,7 +909,7 @@ fig.tight_layout()
 # - **leftmost**: the class of the leftmost object (18 classes). It needs the objects *and* their
 #   positions.
 #
-# The five arms, all from the same trained detector (no arm gets a better backbone than another):
+# The five arms (the first four read the same frozen map of the trained detector, the patches read pixels):
 #
 # | arm | tokens | from |
 # | --- | --- | --- |
