@@ -424,8 +424,8 @@ print("our co-attention block matches course_lib's CoAttentionLayer")
 #
 # In `course_lib` the number of top layers with a VL expert is `vl_layers`. This notebook's cpu model
 # has one layer, and giving it a VL expert would leave no layer with modality experts, so it uses
-# `vl_layers = 0` there; the gpu preset (4 layers) uses 1, about VLMo's share. Below, a 3-layer model with
-# one VL layer shows the routing.
+# `vl_layers = 0` there; the gpu preset (4 layers) uses 1, the nearest to VLMo's 2 of 12. Below, a
+# 3-layer model with one VL layer shows the routing.
 
 # %%
 def multiway_layer(layer, x, key_mask, num_text: int):
@@ -755,6 +755,7 @@ for ax, name in zip(axes.flat, FUSION_STYLES):
     ax.set_yticks(range(n_text), words, fontsize=7)
     ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=6)
     ax.set_title(f"{name}\n{kind}", fontsize=8)
+fig.subplots_adjust(hspace=0.45)
 fig.colorbar(ScalarMappable(norm, "viridis"), ax=axes, fraction=0.02, pad=0.02, label="attention weight");
 
 # %% [markdown]
