@@ -66,7 +66,50 @@ class RegionTokens(NamedTuple):
     geometry: torch.Tensor  # (B, Nmax, G) geometry vectors
 
 
-class RegionFeatures(nn.Module):
+class RegionEmbedding(nn.Module):
+    """Region features ``(..., F)`` + normalised boxes ``(..., 4)`` -> region embeddings ``(..., D)``.
+
+    For features computed elsewhere (a detector's 2048-d vectors read from disk, ShapeWorld's pooled
+    pixels): the projection and the paper's combination with the box geometry (module docstring).
+    ``geometry="none"`` embeds the feature alone, as VisualBERT does (no box input).
+    """
+
+    def __init__(self, feature_dim: int, dim: int, geometry: str = "5d"):
+        super().__init__()
+        check_one_of("geometry", geometry, (*GEOMETRY, "none"))
+        self.geometry = geometry
+        self.feature_proj = nn.Linear(feature_dim, dim)
+        if geometry == "none":
+            return
+        self.preset = GEOMETRY[geometry]
+        self.geometry_proj = nn.Linear(self.preset.size, dim)
+        if self.preset.combine == "sum_then_norm":
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.feature_norm, self.geometry_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            if self.preset.combine == "norm_each_then_sum":
+                self.norm = nn.LayerNorm(dim)
+
+    def combine(self, features: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """``(K, C)`` pooled features + ``(K, G)`` geometry -> ``(K, D)`` region embeddings."""
+        f, g = self.feature_proj(features), self.geometry_proj(geometry)
+        if self.preset.combine == "sum_then_norm":  # ViLBERT
+            return self.norm(f + g)
+        f, g = self.feature_norm(f), self.geometry_norm(g)
+        if self.preset.combine == "norm_each_then_sum":  # UNITER
+            return self.norm(f + g)
+        return (f + g) / 2  # LXMERT
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """features ``(..., F)``, boxes ``(..., 4)`` in [0, 1] -> ``(..., D)`` (padding rows: any value)."""
+        if self.geometry == "none":
+            return self.feature_proj(features)
+        flat = boxes.reshape(-1, 4).clamp(0.0, 1.0)
+        geometry = box_geometry(flat, 1.0, self.geometry).reshape(*boxes.shape[:-1], -1)  # (..., G)
+        return self.combine(features, geometry)
+
+
+class RegionFeatures(RegionEmbedding):
     """Images ``(B, 3, H, W)`` + boxes ``list[(N_i, 4)]`` (pixels) -> :class:`RegionTokens`.
 
     The boxes may come from ground truth, ShapeWorld's simulated detector or a trained detector.
@@ -79,20 +122,11 @@ class RegionFeatures(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim: int, geometry: str = "5d", output_size: int = 7,
                  train_backbone: bool = True, sampling_ratio: int = 2):
-        super().__init__()
         check_one_of("geometry", geometry, GEOMETRY)
         if not hasattr(backbone, "out_channels") or not hasattr(backbone, "stride"):
             raise ValueError("backbone must have out_channels and stride attributes (e.g. SmallCNN)")
-        self.backbone, self.geometry, self.output_size = backbone, geometry, output_size
-        self.preset, self.sampling_ratio = GEOMETRY[geometry], sampling_ratio
-        self.feature_proj = nn.Linear(backbone.out_channels, dim)
-        self.geometry_proj = nn.Linear(self.preset.size, dim)
-        if self.preset.combine == "sum_then_norm":
-            self.norm = nn.LayerNorm(dim)
-        else:
-            self.feature_norm, self.geometry_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
-            if self.preset.combine == "norm_each_then_sum":
-                self.norm = nn.LayerNorm(dim)
+        super().__init__(backbone.out_channels, dim, geometry)
+        self.backbone, self.output_size, self.sampling_ratio = backbone, output_size, sampling_ratio
         self.train_backbone = train_backbone
         self.backbone.requires_grad_(train_backbone)
 
@@ -101,16 +135,6 @@ class RegionFeatures(nn.Module):
         if not self.train_backbone:
             self.backbone.eval()
         return self
-
-    def combine(self, features: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
-        """``(K, C)`` pooled features + ``(K, G)`` geometry -> ``(K, D)`` region embeddings."""
-        f, g = self.feature_proj(features), self.geometry_proj(geometry)
-        if self.preset.combine == "sum_then_norm":  # ViLBERT
-            return self.norm(f + g)
-        f, g = self.feature_norm(f), self.geometry_norm(g)
-        if self.preset.combine == "norm_each_then_sum":  # UNITER
-            return self.norm(f + g)
-        return (f + g) / 2  # LXMERT
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> RegionTokens:
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):

@@ -12,7 +12,11 @@ from typing import NamedTuple
 
 from torch import nn
 
+from course_lib.models.b2t2 import B2T2, B2T2Config
 from course_lib.models.clip import CLIP, CLIPConfig
+from course_lib.models.unicoder_vl import UnicoderVL, UnicoderVLConfig
+from course_lib.models.visualbert import VisualBert, VisualBertConfig
+from course_lib.models.vl_bert import VLBert, VLBertConfig
 
 
 class ModelEntry(NamedTuple):
@@ -22,6 +26,10 @@ class ModelEntry(NamedTuple):
 
 MODELS: dict[str, ModelEntry] = {
     "clip": ModelEntry(CLIPConfig, CLIP),
+    "visualbert": ModelEntry(VisualBertConfig, VisualBert),
+    "b2t2": ModelEntry(B2T2Config, B2T2),
+    "unicoder_vl": ModelEntry(UnicoderVLConfig, UnicoderVL),
+    "vl_bert": ModelEntry(VLBertConfig, VLBert),
 }
 
 

@@ -40,14 +40,16 @@ class MLMHead(nn.Module):
     """BERT's prediction head: Linear -> GELU -> LayerNorm -> Linear(dim, vocab): (..., dim) -> (..., vocab).
 
     ``tie_to`` (an ``nn.Embedding`` or a (vocab, dim) parameter) shares the output weight with
-    the word embeddings, as BERT does; the output bias stays separate.
+    the word embeddings, as BERT does; the output bias stays separate. ``layer_norm_eps``: BERT's
+    is 1e-12 (what a transformers checkpoint needs for parity).
     """
 
-    def __init__(self, dim: int, vocab: int, tie_to: nn.Embedding | nn.Parameter | None = None):
+    def __init__(self, dim: int, vocab: int, tie_to: nn.Embedding | nn.Parameter | None = None,
+                 layer_norm_eps: float = 1e-5):
         super().__init__()
         if dim < 1 or vocab < 1:
             raise ValueError(f"dim and vocab must be >= 1, got dim={dim}, vocab={vocab}")
-        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=layer_norm_eps))
         self.decoder = nn.Linear(dim, vocab)
         if tie_to is not None:
             weight = tie_to.weight if isinstance(tie_to, nn.Embedding) else tie_to

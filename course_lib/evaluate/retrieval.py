@@ -1,10 +1,7 @@
-"""Downstream metrics: retrieval Recall@K, classification accuracy, box IoU, grounding and VQA accuracy.
+"""Retrieval Recall@K and its chance level.
 
 Recall@K follows UNITER / ViLT (``itm_eval``, ``compute_irtr_recall``): a query scores a hit when
-ANY of its positives is among its top K candidates. Grounding counts IoU >= 0.5 as a hit (X-VLM
-``grounding_eval_bbox``), with the continuous box convention of ``torchvision.ops.box_iou``
-(area = (x2 - x1) * (y2 - y1), no "+1" pixel). VQA accuracy is the soft score of the arg-max
-answer (ViLT ``VQAScore``, MMF ``VQAAccuracy``).
+ANY of its positives is among its top K candidates.
 """
 
 from __future__ import annotations
@@ -14,9 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from course_lib.utils import check_shape
-
-
-# --------------------------------------------------------------------------- retrieval
 
 
 def positives_matrix(positives: torch.Tensor, num_images: int | None = None) -> torch.Tensor:
@@ -126,88 +120,3 @@ def chance_recall_at_k(
             results[f"{direction}_R@{kk}"] = (1 - p_miss).mean().item()
     results["mean_recall"] = sum(results.values()) / len(results)
     return results
-
-
-# --------------------------------------------------------------------------- classification, VQA
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy: fraction of rows of ``logits (N, C)`` whose arg-max equals ``labels (N,)``."""
-    check_shape("logits", logits, (None, None))
-    check_shape("labels", labels, (logits.shape[0],))
-    if logits.shape[0] == 0:
-        raise ValueError("logits is empty (N = 0); accuracy is undefined")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise ValueError(
-            f"labels must be class indices in [0, {logits.shape[1]}), got [{int(labels.min())}, {int(labels.max())}]"
-        )
-    return (logits.argmax(dim=1) == labels.to(logits.device)).float().mean().item()
-
-
-def vqa_soft_accuracy(logits: torch.Tensor, soft_targets: torch.Tensor) -> float:
-    """VQA accuracy: mean soft score of the arg-max answer.
-
-    logits: ``(N, A)`` answer scores. soft_targets: ``(N, A)`` in [0, 1], the VQA score of every
-    answer, min(1, #annotators who gave it / 3) averaged over leave-one-out subsets, i.e.
-    0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >=4 of the 10 annotators.
-    """
-    check_shape("logits", logits, (None, None))
-    check_shape("soft_targets", soft_targets, tuple(logits.shape))
-    if logits.shape[0] == 0:
-        raise ValueError("logits is empty (N = 0); accuracy is undefined")
-    if not ((soft_targets >= 0) & (soft_targets <= 1)).all():
-        raise ValueError("soft_targets must lie in [0, 1]")
-    chosen = logits.argmax(dim=1, keepdim=True)  # (N, 1)
-    return soft_targets.to(logits.device).gather(1, chosen).float().mean().item()
-
-
-# --------------------------------------------------------------------------- boxes
-
-
-def _check_boxes(name: str, boxes: torch.Tensor) -> None:
-    check_shape(name, boxes, (None, 4))
-    if not boxes.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor, got {boxes.dtype}")
-    bad = ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{name} must have shape (N, 4) as finite x1, y1, x2, y2 with x1 <= x2 and y1 <= y2; "
-            f"box {i} is {tuple(round(v, 4) for v in boxes[i].tolist())}"
-        )
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of broadcastable ``(..., 4)`` xyxy boxes; 0 where the union is empty (degenerate boxes)."""
-    top_left = torch.maximum(a[..., :2], b[..., :2])
-    bottom_right = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
-    area_a = (a[..., 2:] - a[..., :2]).prod(dim=-1)
-    area_b = (b[..., 2:] - b[..., :2]).prod(dim=-1)
-    union = area_a + area_b - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``(N, M)`` between boxes ``a (N, 4)`` and ``b (M, 4)`` in x1, y1, x2, y2.
-
-    IoU = area(a ∩ b) / area(a ∪ b), with area = (x2 - x1) * (y2 - y1) (torchvision's convention).
-    """
-    _check_boxes("a", a)
-    _check_boxes("b", b)
-    return _iou(a[:, None, :], b[None, :, :].to(a))
-
-
-def grounding_accuracy(pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.5) -> float:
-    """Fraction of predicted boxes ``pred (N, 4)`` with IoU >= ``threshold`` against ``gt (N, 4)``."""
-    _check_boxes("pred", pred)
-    _check_boxes("gt", gt)
-    if gt.shape != pred.shape:
-        raise ValueError(f"gt must have the shape of pred {tuple(pred.shape)}, got {tuple(gt.shape)}")
-    if pred.shape[0] == 0:
-        raise ValueError("pred is empty (N = 0); grounding accuracy is undefined")
-    if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    return (_iou(pred, gt.to(pred)) >= threshold).float().mean().item()

@@ -1,0 +1,46 @@
+"""Downstream evaluation shared by every system of the course, one idea per module:
+
+- ``retrieval``: image-text retrieval Recall@K (UNITER / ViLT) and its chance level;
+- ``classification``: top-1 accuracy;
+- ``vqa``: the VQA fine-tuning head (UNITER / LXMERT), its ``BCE * num_answers`` loss, soft targets
+  and the VQA soft accuracy (ViLT ``VQAScore``, MMF ``VQAAccuracy``);
+- ``boxes``: box IoU and grounding accuracy (IoU >= 0.5, X-VLM);
+- ``captioning``: corpus BLEU-4 and CIDEr with pycocoevalcap (tokenised in Python, no Java) and the
+  most-frequent-caption baseline;
+- ``caption_truth``: whether a caption of ShapeWorld's grammar is true of its scene.
+
+Everything public is importable from here: ``from course_lib.evaluate import recall_at_k``.
+"""
+
+from course_lib.evaluate.boxes import box_iou, grounding_accuracy
+from course_lib.evaluate.caption_truth import caption_is_true, caption_truth_rate, parse_caption
+from course_lib.evaluate.captioning import caption_metrics, most_frequent_caption, tokenize_caption
+from course_lib.evaluate.classification import accuracy
+from course_lib.evaluate.retrieval import chance_recall_at_k, positives_matrix, recall_at_k
+from course_lib.evaluate.vqa import (
+    VQAHead,
+    vqa_loss,
+    vqa_soft_accuracy,
+    vqa_soft_targets,
+    vqa_soft_targets_from_scores,
+)
+
+__all__ = [
+    "VQAHead",
+    "accuracy",
+    "box_iou",
+    "caption_is_true",
+    "caption_metrics",
+    "caption_truth_rate",
+    "chance_recall_at_k",
+    "grounding_accuracy",
+    "most_frequent_caption",
+    "parse_caption",
+    "positives_matrix",
+    "recall_at_k",
+    "tokenize_caption",
+    "vqa_loss",
+    "vqa_soft_accuracy",
+    "vqa_soft_targets",
+    "vqa_soft_targets_from_scores",
+]
