@@ -8,6 +8,14 @@ Every option is a field of :class:`PretrainConfig`; ``--key=value`` overrides it
 type must match, an unknown key is an error listing the valid ones); ``--model.<field>=value``
 overrides a field of the model's config (e.g. ``--model.vision_layers=6``).
 
+Data (``--data``): an image model (CLIP) reads ``shapeworld`` (image-caption pairs rendered on
+the fly), ``shards`` (image-text webdataset shards at ``--data_path``) or ``synthetic`` (random
+tensors, for throughput); a region model (a class with ``inputs = "regions"``: VisualBERT, ...)
+reads ``shapeworld`` (detected regions on the fly, ``course_lib.data.regions``) or
+``region_shards`` (bottom-up-attention features written by ``data_scripts.shard_regions``;
+``course_lib.data.region_shards``). The tokenizer is learned from the shards' captions, or from
+ShapeWorld's.
+
 What it does, in nanoGPT's spirit: bf16 autocast on GPUs, fused attention (the model's
 ``scaled_dot_product_attention`` path), optional ``torch.compile`` and activation
 checkpointing, fused AdamW with warmup + cosine decay, DDP under ``torchrun`` (the contrastive
@@ -50,7 +58,10 @@ from course_lib.train import (History, TrainConfig, check_resumable, make_optimi
                               start_mode, warmup_cosine_schedule)
 from course_lib.utils import check_one_of, count_parameters, seed_everything
 
-DATA_SOURCES = ("shapeworld", "shards", "synthetic")
+DATA_SOURCES = ("shapeworld", "shards", "synthetic", "region_shards")
+DATA_FOR_INPUTS = {"images": ("shapeworld", "shards", "synthetic"), "regions": ("shapeworld", "region_shards")}
+SHARD_SOURCES = ("shards", "region_shards")  # the sources read from data_path
+TOKENIZER_SAMPLES = 5000  # shard samples whose captions the tokenizer learns from
 TOKENIZER_WORDS = 256  # the tokenizer learns from the first 256 words of each caption (bounded memory)
 # A resumed run must agree with the checkpoint on these, or its losses would not continue the run's.
 SAME_RUN_FIELDS = ("model", "preset", "data", "data_path", "global_batch", "seed", "model_overrides")
@@ -121,8 +132,26 @@ class PretrainConfig:
             raise ValueError(f"global_batch must be >= 2 for the contrastive model {self.model!r}, got "
                              f"{self.global_batch}: with one pair per batch there are no negatives, the loss "
                              "is exactly 0 and nothing is learned")
-        if self.data == "shards" and not self.data_path:
-            raise ValueError("data='shards' needs data_path (a directory, glob or brace pattern of .tar shards)")
+        check_data_for_model(self.model, self.data)
+        if self.data in SHARD_SOURCES and not self.data_path:
+            raise ValueError(f"data={self.data!r} needs data_path (a directory, glob or brace pattern of .tar shards)")
+
+
+def model_inputs(name: str) -> str:
+    """What model ``name`` reads: its class attribute ``inputs`` (``"images"`` when it has none)."""
+    return getattr(model_entry(name).model, "inputs", "images")
+
+
+def check_data_for_model(model: str, data: str) -> None:
+    """``ValueError`` naming ``--data`` and the sources that fit unless model ``model`` can read ``data``."""
+    inputs = model_inputs(model)
+    if inputs not in DATA_FOR_INPUTS:
+        raise ValueError(f"model {model!r} reads inputs={inputs!r}; pretrain feeds {sorted(DATA_FOR_INPUTS)}")
+    fits = DATA_FOR_INPUTS[inputs]
+    if data not in fits:
+        gives = "region features" if data == "region_shards" else "images"
+        raise ValueError(f"--data={data} gives {gives}, but model {model!r} reads {inputs}; use "
+                         + " or ".join(f"--data={d}" for d in fits) + f" (or a model that reads {gives})")
 
 
 def parse_args(argv: list[str]) -> PretrainConfig:
@@ -166,13 +195,11 @@ def _tokenizer(config: PretrainConfig, vocab_size: int, info: DistInfo):
 
     directory = Path(config.tokenizer or Path(config.out_dir) / "tokenizer")
     if info.is_main and not (directory / "tokenizer.json").exists():
-        if config.data == "shards":  # learn the vocabulary of the shards' captions
-            from course_lib.data.shards import ShardDataset
-            reader = ShardDataset(config.data_path, decode="rgb", split_by_node=False, split_by_worker=False)
-            texts = [bound_text(s["text"], TOKENIZER_WORDS) for s, _ in zip(reader, range(5000)) if s["text"].strip()]
+        if config.data in SHARD_SOURCES:  # learn the vocabulary of the shards' captions
+            texts = [bound_text(t, TOKENIZER_WORDS) for t in _shard_texts(config) if t.strip()]
             if not texts:
-                raise ValueError(f"data_path={config.data_path!r}: the first 5000 readable samples of the shards "
-                                 "hold no caption (no non-empty txt field) to learn a tokenizer from")
+                raise ValueError(f"data_path={config.data_path!r}: the first {TOKENIZER_SAMPLES} readable samples of "
+                                 "the shards hold no caption (no non-empty txt field) to learn a tokenizer from")
         else:  # the world's vocabulary is small: 500 scenes cover it
             texts = ShapeWorld(seed=config.seed).corpus(500)
         save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size), directory)
@@ -183,10 +210,22 @@ def _tokenizer(config: PretrainConfig, vocab_size: int, info: DistInfo):
     return tokenizer
 
 
+def _shard_texts(config: PretrainConfig):
+    """The captions of the first ``TOKENIZER_SAMPLES`` readable samples of ``config.data_path``."""
+    if config.data == "region_shards":  # every caption (and question) of each image's json
+        from course_lib.data.region_shards import region_shard_texts
+        return region_shard_texts(config.data_path, max_samples=TOKENIZER_SAMPLES)
+    from course_lib.data.shards import ShardDataset
+    reader = ShardDataset(config.data_path, decode="rgb", split_by_node=False, split_by_worker=False)
+    return (s["text"] for s, _ in zip(reader, range(TOKENIZER_SAMPLES)))
+
+
 def _micro_batches(config, mc, info: DistInfo, micro: int, accum: int, start_step: int):
     """Endless iterator of this process's micro-batches, from optimizer step ``start_step`` on."""
     workers = dict(num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
                    persistent_workers=config.num_workers > 0, prefetch_factor=4 if config.num_workers else None)
+    if model_inputs(config.model) == "regions":
+        return _checked_regions(_region_micro_batches(config, mc, info, micro, accum, start_step, workers), config, mc)
     if config.data == "synthetic":
         make = SyntheticPairs(mc.image_size, mc.context_length, mc.vocab_size, config.seed)
     if config.data == "shapeworld":
@@ -202,10 +241,47 @@ def _micro_batches(config, mc, info: DistInfo, micro: int, accum: int, start_ste
     return shard_micro_batches(shards, micro, collate, skip=start_step * accum, **workers)
 
 
+def _region_micro_batches(config, mc, info: DistInfo, micro: int, accum: int, start_step: int, workers: dict):
+    """Region batches (``input_ids``, ``region_feats`` (B, R, F), ...) of ShapeWorld's detected regions,
+    or of bottom-up-attention region shards padded to ``max_regions`` (the model config's, else 36)."""
+    tokenizer = _tokenizer(config, mc.vocab_size, info)
+    if config.data == "shapeworld":
+        from course_lib.data.regions import ShapeWorldRegions
+        from course_lib.data.shapeworld import ShapeWorld
+        make = ShapeWorldRegions(ShapeWorld(seed=config.seed), tokenizer, mc.context_length,
+                                 **({"max_regions": mc.max_regions} if hasattr(mc, "max_regions") else {}))
+        stream = MicroBatchStream(make, micro, accum, info.rank, info.world_size, start_step)
+        return iter(DataLoader(stream, batch_size=None, **workers))
+    from course_lib.data.region_shards import DEFAULT_MAX_REGIONS, RegionBatches, RegionShardDataset
+    max_regions = getattr(mc, "max_regions", DEFAULT_MAX_REGIONS)
+    shards = RegionShardDataset(config.data_path, max_regions=max_regions, shuffle=1000, seed=config.seed)
+    collate = RegionBatches(tokenizer, mc.context_length, max_regions)
+    return shard_micro_batches(shards, micro, collate, skip=start_step * accum, **workers)
+
+
+def _checked_regions(batches, config: PretrainConfig, mc):
+    """``batches``, each checked against the model config: the feature width must be its
+    ``region_feat_dim`` and the labels below its ``num_region_classes - 1`` (the last class is
+    "no object"); a mismatch is a ``ValueError`` naming the ``--model.`` option to set."""
+    for batch in batches:
+        width = batch["region_feats"].shape[-1]
+        if hasattr(mc, "region_feat_dim") and width != mc.region_feat_dim:
+            raise ValueError(f"--data={config.data} gives region features of width {width}, but the model config "
+                             f"has region_feat_dim={mc.region_feat_dim}; pass --model.region_feat_dim={width}")
+        labels = batch.get("region_labels")
+        top = int(labels.max()) if labels is not None and labels.numel() else -1
+        if hasattr(mc, "num_region_classes") and top >= mc.num_region_classes - 1:
+            raise ValueError(f"--data={config.data} gives region labels up to {top}, but the model config has "
+                             f"num_region_classes={mc.num_region_classes} (classes + 'no object'); pass "
+                             f"--model.num_region_classes={top + 2} or more")
+        yield batch
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
-    """Move to ``device``; uint8 images become float in [0, 1] there (4x less to copy)."""
+    """Move to ``device``; uint8 images (when the batch has images) become float in [0, 1] there
+    (4x less to copy)."""
     batch = move_to_device(batch, device)
-    if batch["images"].dtype == torch.uint8:
+    if "images" in batch and batch["images"].dtype == torch.uint8:
         batch["images"] = batch["images"].float().div_(255.0)
     return batch
 
@@ -287,7 +363,7 @@ def _batch_plan(config: PretrainConfig, world_size: int) -> tuple[int, int]:
 def _check_data_path(config: PretrainConfig) -> None:
     """Name what is wrong with ``data_path`` before anything is built: missing, empty, a plain file."""
     spec = config.data_path
-    if config.data != "shards" or "://" in spec or spec.startswith("pipe:"):
+    if config.data not in SHARD_SOURCES or "://" in spec or spec.startswith("pipe:"):
         return
     from course_lib.data.shards import list_shards
 

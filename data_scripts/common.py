@@ -22,18 +22,22 @@ from PIL import Image
 from course_lib.data.shards import JPEG_QUALITY, ShardSummary, SkipSample, write_shards
 
 
-def make_parser(prog: str, description: str, splits: Sequence[str], default_split: str) -> argparse.ArgumentParser:
-    """The options every shard script takes."""
+def make_parser(prog: str, description: str, splits: Sequence[str], default_split: str, images: bool = True,
+                root_help: str = "the dataset as downloaded (and unzipped)") -> argparse.ArgumentParser:
+    """The options every shard script takes (``images=False``: no ``--image-size``, for scripts
+    whose samples hold no image, e.g. region features)."""
     parser = argparse.ArgumentParser(prog=f"python -m data_scripts.{prog}", description=description)
-    parser.add_argument("--root", required=True, type=Path, help="the dataset as downloaded (and unzipped)")
+    parser.add_argument("--root", required=True, type=Path, help=root_help)
     parser.add_argument("--out", required=True, type=Path, help="directory for the .tar shards")
     parser.add_argument("--split", default=default_split, choices=list(splits))
     parser.add_argument("--max-samples", type=int, default=None,
                         help="use only the first N records (images); unusable ones are skipped, "
                              "so the shards may hold fewer")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="shrink images so the shorter side is at most N px (JPEG re-encoded); default: keep bytes")
+    if images:
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="shrink images so the shorter side is at most N px (JPEG re-encoded); "
+                                 "default: keep bytes")
     parser.add_argument("--no-resume", action="store_true", help="rewrite every shard instead of keeping complete ones")
     return parser
 
@@ -99,15 +103,18 @@ def run(name: str, records: Iterable, build: Callable[[object], dict], args: arg
     dropped while reading its annotations (it may still be filled while ``records`` is read).
     ``extra_config`` joins the settings a resumed run must share with the first one.
     """
+    image_size = getattr(args, "image_size", None)  # None: the script stores no images
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
     records = itertools.islice(records, args.max_samples)
     summary = write_shards(
         (functools.partial(build, record) for record in records),
         args.out, prefix, max_count=args.shard_size, resume=not args.no_resume,
-        config={"dataset": name, "split": args.split, "image_size": args.image_size, **(extra_config or {})},
+        config={"dataset": name, "split": args.split, "image_size": image_size, **(extra_config or {})},
     )
     if skipped_before:
         summary.skipped = dict(Counter(summary.skipped) + skipped_before)

@@ -1,5 +1,9 @@
 """Webdataset shards: write (image, text, json) samples to tar files and stream them back.
 
+A sample may carry numpy arrays instead of an image (``feats.npy``, ``boxes.npy``: the region
+features of ``course_lib.data.region_shards``); ``ShardDataset`` reads image samples, and its
+subclasses decode other kinds (see ``ShardDataset._decoder``).
+
 A shard is a plain tar file whose members are grouped into samples by their name before the
 first dot: ``000123.jpg``, ``000123.txt``, ``000123.json`` form the sample ``000123``
 (the `webdataset <https://github.com/webdataset/webdataset>`_ format). Reading shards
@@ -15,8 +19,8 @@ On disk, ``write_shards`` produces::
 A shard is written under a temporary name and renamed when it is complete, so a crash never
 leaves half a shard under a final name; ``resume=True`` keeps the complete shards and goes on
 from the first input item they do not cover. The writer checks that every image decodes (and
-every ``txt`` / ``json`` field parses) before it writes the sample: an unusable one is skipped
-and counted in the manifest, never stored.
+every ``txt`` / ``json`` field parses, and every ``.npy`` field loads) before it writes the
+sample: an unusable one is skipped and counted in the manifest, never stored.
 
 Reading skips what it cannot use and counts it by reason in ``ShardDataset.stats``: a shard
 that cannot be opened or breaks off (``corrupt_shard``; its last sample, which may have lost
@@ -59,6 +63,7 @@ MANIFEST_SUFFIX = "-manifest.json"
 JPEG_QUALITY = 95
 TAR_MTIME = 0.0  # fixed member times: the same samples always give byte-identical shards
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+NPY_SUFFIX = "npy"  # a field named "npy" or "<name>.npy" holds one numpy array in .npy format
 MAX_TEXT_BYTES = 1 << 20  # a caption is read up to 1 MiB; the model reads tens of tokens of it
 TAR_END = bytes(1024)  # a complete tar ends with two zero blocks (POSIX end-of-archive)
 
@@ -157,16 +162,47 @@ def check_image_bytes(data: bytes, where: str) -> None:
         raise SkipSample("corrupt_image", f"{where}: image bytes do not decode ({exn})") from exn
 
 
-def _check_encoded_fields(out: dict, raw: dict) -> None:
-    """The checks the reader makes, made before writing: images decode, txt is UTF-8, json parses.
+def is_npy_field(name: str) -> bool:
+    """True for ``"npy"`` and ``"<name>.npy"`` (e.g. ``"feats.npy"``): a field holding one numpy array."""
+    return name == NPY_SUFFIX or name.endswith("." + NPY_SUFFIX)
 
-    Images the writer encoded itself (PIL, numpy) are known to decode; bytes given as they are
-    are decoded once here.
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of ``array`` (any shape, a numeric or bool dtype; object arrays are refused)."""
+    if array.dtype.hasobject:
+        raise ValueError(f"npy: an array of dtype {array.dtype} holds Python objects; expected a numeric dtype")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """The array in ``.npy`` bytes; ``ValueError`` (or ``OSError``/``EOFError``) when they do not load
+    fully. Never unpickles: an object array is an error, not code run."""
+    buffer = io.BytesIO(data)
+    array = np.load(buffer, allow_pickle=False)
+    if buffer.tell() != len(data):
+        raise ValueError(f"{len(data) - buffer.tell()} bytes follow the array")
+    return array
+
+
+def _check_encoded_fields(out: dict, raw: dict) -> None:
+    """The checks the reader makes, made before writing: images decode, txt is UTF-8, json parses,
+    ``.npy`` fields load.
+
+    Images and arrays the writer encoded itself (PIL, numpy) are known to decode; bytes given as
+    they are are decoded once here.
     """
     key = out["__key__"]
     for name in IMAGE_FIELDS:
         if name in out and isinstance(raw.get(name), (bytes, bytearray, memoryview)):
             check_image_bytes(out[name], f"sample {key!r} field {name!r}")
+    for name in out:
+        if is_npy_field(name) and not isinstance(raw.get(name), np.ndarray):
+            try:
+                load_npy(out[name])
+            except (ValueError, OSError, EOFError) as exn:
+                raise SkipSample("corrupt_npy", f"sample {key!r} field {name!r}: not a loadable .npy ({exn})") from exn
     try:
         if "txt" in out:
             out["txt"].decode("utf-8")
@@ -182,9 +218,12 @@ def encode_sample(sample: dict, quality: int = JPEG_QUALITY) -> dict:
 
     ``__key__``: str without dots (webdataset splits names at the first dot);
     ``jpg``: see ``encode_image``; ``txt``: str; ``json``: any JSON value (bytes/str pass
-    through as already encoded); other fields: bytes or str. Raises ``SkipSample`` when image
-    bytes do not decode (``corrupt_image``) or txt / json bytes do not parse (``corrupt_txt``,
-    ``corrupt_json``): what the reader would skip is never written.
+    through as already encoded); ``npy`` / ``<name>.npy``: a numpy array (saved with
+    ``np.save``) or ``.npy`` bytes; other fields: bytes or str. No field is required: a sample
+    may hold an image, or arrays, or only text. Raises ``SkipSample`` when image bytes do not
+    decode (``corrupt_image``), txt / json bytes do not parse (``corrupt_txt``,
+    ``corrupt_json``) or ``.npy`` bytes do not load (``corrupt_npy``): what the reader would skip
+    is never written.
     """
     if not isinstance(sample, dict):
         raise ValueError(f"samples must be dicts, got {type(sample).__name__}")
@@ -201,12 +240,15 @@ def encode_sample(sample: dict, quality: int = JPEG_QUALITY) -> dict:
             out[name] = encode_image(value, quality)
         elif name == "json" and not isinstance(value, (bytes, str)):
             out[name] = json.dumps(value, ensure_ascii=False).encode("utf-8")
+        elif is_npy_field(name) and isinstance(value, np.ndarray):
+            out[name] = encode_npy(value)
         elif isinstance(value, str):
             out[name] = value.encode("utf-8")
         elif isinstance(value, (bytes, bytearray, memoryview)):
             out[name] = bytes(value)
         else:
-            raise ValueError(f"sample {key!r}: field {name!r} must be str or bytes, got {type(value).__name__}")
+            kinds = "a numpy array or bytes" if is_npy_field(name) else "str or bytes"
+            raise ValueError(f"sample {key!r}: field {name!r} must be {kinds}, got {type(value).__name__}")
     _check_encoded_fields(out, sample)
     return out
 
@@ -321,11 +363,13 @@ def write_shards(
     """Write samples into ``out_dir/prefix-000000.tar, ...`` with at most ``max_count`` per shard.
 
     Each sample is a dict ``{"__key__": str, "jpg": bytes | PIL.Image | uint8 array,
-    "txt": str, "json": dict, ...}`` or a zero-argument callable returning one; a callable may
+    "txt": str, "json": dict, ...}`` (or with ``"feats.npy": array, ...`` instead of ``jpg``;
+    see ``encode_sample``) or a zero-argument callable returning one; a callable may
     raise ``SkipSample(reason)`` to skip an unusable input item (counted, never fatal), and is
     only called when the item is written, so resuming does not reload skipped-over items.
-    Image bytes that do not decode, and txt / json that do not parse, are skipped the same way
-    (``corrupt_image``, ``corrupt_txt``, ``corrupt_json``): the manifest counts only readable samples.
+    Image bytes that do not decode, txt / json that do not parse and ``.npy`` bytes that do not load
+    are skipped the same way (``corrupt_image``, ``corrupt_txt``, ``corrupt_json``, ``corrupt_npy``):
+    the manifest counts only readable samples.
 
     ``resume=True`` keeps the complete shards listed in ``prefix-manifest.json`` and skips the
     input items they cover (the input must come in the same order as before); ``resume=False``
@@ -674,6 +718,19 @@ def decode_sample(sample: dict, decode: str = "tensor", image_size=None, require
     image = _open_image(sample[field_name], where)
     if image_size is not None:
         image = _resize(image, image_size)
+    text, meta = decode_text_fields(sample, where)
+    return {
+        "image": image_to_tensor(image) if decode == "tensor" else image,
+        "text": text,
+        "meta": meta,
+        "key": key,
+        "shard": shard,
+    }
+
+
+def decode_text_fields(sample: dict, where: str) -> tuple[str, dict]:
+    """(caption, meta) of a raw sample: ``txt`` as str (``""`` if absent), ``json`` parsed (``{}`` if
+    absent); ``ShardError`` (``corrupt_txt``, ``corrupt_json``) naming ``where`` when they do not parse."""
     try:
         text = sample["txt"].decode("utf-8") if "txt" in sample else ""
     except UnicodeDecodeError as exn:
@@ -682,13 +739,7 @@ def decode_sample(sample: dict, decode: str = "tensor", image_size=None, require
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exn:
         raise ShardError(f"{where}: json field is not valid JSON ({exn})", reason="corrupt_json") from exn
-    return {
-        "image": image_to_tensor(image) if decode == "tensor" else image,
-        "text": text,
-        "meta": meta,
-        "key": key,
-        "shard": shard,
-    }
+    return text, meta
 
 
 def collate_shards(batch: list[dict]) -> dict:
@@ -721,6 +772,9 @@ class ShardDataset(IterableDataset):
     crop); (H, W) resizes.
     require_text: skip samples without a ``txt`` caption (``missing_txt``); False gives them ``""``.
     max_text_bytes: a caption is read up to this many bytes (the rest is skipped unread).
+
+    A subclass reads other kinds of samples (e.g. ``course_lib.data.region_shards``) by
+    overriding ``_decoder``; everything else (splitting, shuffling, skipping and counting) is shared.
     """
 
     def __init__(
@@ -751,6 +805,7 @@ class ShardDataset(IterableDataset):
         if not isinstance(shuffle, int) or shuffle < 0:
             raise ValueError(f"shuffle must be a buffer size >= 0 (0 = no shuffling), got {shuffle!r}")
         self.urls = list_shards(urls_or_dir)
+        self.decode, self.image_size, self.require_text = decode, image_size, require_text
         self.stats = {"skipped": 0, "last_error": None, "reasons": {}}
         self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
         policy = ErrorPolicy(handler, self.stats)
@@ -771,9 +826,17 @@ class ShardDataset(IterableDataset):
         if shuffle:
             self._shufflers.append(wds.detshuffle(shuffle, initial=min(shuffle, 100), seed=seed))
             stages.append(self._shufflers[-1])
-        stages.append(wds.map(functools.partial(decode_sample, decode=decode, image_size=image_size,
-                                                require_text=require_text), handler=policy))
+        stages.append(wds.map(self._decoder(), handler=policy))
         self.pipeline = wds.DataPipeline(*stages)
+
+    def _decoder(self) -> Callable[[dict], dict]:
+        """Raw sample (``{"__key__", "__url__", field: bytes}``) -> the sample this dataset yields.
+
+        It raises ``ShardError`` (with a ``reason``) for a sample to skip. It is pickled into
+        DataLoader workers: return a module-level function or a ``functools.partial`` of one.
+        """
+        return functools.partial(decode_sample, decode=self.decode, image_size=self.image_size,
+                                 require_text=self.require_text)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (call before each epoch, as with ``DistributedSampler``)."""
