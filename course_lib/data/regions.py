@@ -192,6 +192,25 @@ class ShapeWorldRegions:
             out["token_box"] = _token_boxes(scenes, texts, enc["offset_mapping"], source)
         return out
 
+    def questions(self, indices: Sequence[int]) -> dict:
+        """One row per (scene, question) of the scenes ``indices``: the region keys of its scene, the
+        question as ``input_ids``/``attention_mask``, ``answers (N,)`` (classes of
+        ``language.answer_vocabulary``), ``question_types (N,)`` (``language.QUESTION_TYPES``)."""
+        from course_lib.data.language import QUESTION_TYPES, answer_vocabulary
+
+        scenes = self.world.scenes(indices, self.split)
+        regions = self.regions(scenes)
+        regions.pop("region_source")
+        rows = [(i, q, a, t) for i, s in enumerate(scenes) for q, a, t in s.questions]
+        scene_rows = torch.tensor([i for i, _, _, _ in rows])
+        batch = {k: v[scene_rows] for k, v in regions.items()}
+        batch.update(self.text([q for _, q, _, _ in rows]))
+        answers = answer_vocabulary(self.world.config)
+        batch["answers"] = torch.tensor([answers.index(a) for _, _, a, _ in rows])
+        batch["question_types"] = torch.tensor([QUESTION_TYPES.index(t) for _, _, _, t in rows])
+        batch["index"] = torch.as_tensor(list(indices), dtype=torch.long)[scene_rows]
+        return batch
+
     def __call__(self, indices: Sequence[int]) -> dict:
         scenes = self.world.scenes(indices, self.split)
         batch = self.regions(scenes)

@@ -7,7 +7,8 @@
 - ``boxes``: box IoU and grounding accuracy (IoU >= 0.5, X-VLM);
 - ``captioning``: corpus BLEU-4 and CIDEr with pycocoevalcap (tokenised in Python, no Java) and the
   most-frequent-caption baseline;
-- ``caption_truth``: whether a caption of ShapeWorld's grammar is true of its scene.
+- ``caption_truth``: whether a caption of ShapeWorld's grammar is true of its scene;
+- ``fused``: retrieval and VQA fine-tuning for fused models (an ITM head, a pooled output).
 
 Everything public is importable from here: ``from course_lib.evaluate import recall_at_k``.
 """
@@ -16,6 +17,7 @@ from course_lib.evaluate.boxes import box_iou, grounding_accuracy
 from course_lib.evaluate.caption_truth import caption_is_true, caption_truth_rate, parse_caption
 from course_lib.evaluate.captioning import caption_metrics, most_frequent_caption, tokenize_caption
 from course_lib.evaluate.classification import accuracy
+from course_lib.evaluate.fused import VQAFineTuner, fused_retrieval, match_matrix, pair_batch
 from course_lib.evaluate.retrieval import chance_recall_at_k, positives_matrix, recall_at_k
 from course_lib.evaluate.vqa import (
     VQAHead,
@@ -26,7 +28,11 @@ from course_lib.evaluate.vqa import (
 )
 
 __all__ = [
+    "VQAFineTuner",
     "VQAHead",
+    "fused_retrieval",
+    "match_matrix",
+    "pair_batch",
     "accuracy",
     "box_iou",
     "caption_is_true",

@@ -8,12 +8,15 @@ Every system is a :class:`RegionBert` that says how it turns a *region batch*
 - **MLM** on the caption, conditioned on the regions (``MLMHead`` tied to the word embeddings);
 - **ITM** on the pooled ``[CLS]``: for a share ``itm_prob`` of the pairs the regions of another
   image of the batch replace the true ones, and a linear head says "matched or not";
-- **masked region classification** (``mrc_weight > 0``): 15% of the regions are hidden and their
-  class predicted, from the detector's top label (``"hard"``: Unicoder-VL's MOC) or its whole
+- **masked region classification** (``mrc_weight > 0``): 15% of the regions are hidden (no
+  minimum per image) and their class predicted, from the detector's top label (``"hard"``: Unicoder-VL's MOC) or its whole
   distribution (``"soft"``: VL-BERT).
 
 MLM and region classification are scored on matched pairs only (B2T2's and UNITER's rule: a word
-of a caption that belongs to another image is not predictable from this one). ``forward(batch)``
+of a caption that belongs to another image is not predictable from this one), and ITM on the pairs
+with no hidden region (UNITER masks one modality at a time: a pair whose only object is hidden
+cannot be judged). Every row is masked alike, matched or not, so that masking never tells ITM
+the answer. ``forward(batch)``
 returns ``{"loss", "mlm", "itm", "mrc"}`` (those switched on); objective weights are config fields,
 so an ablation is one override: ``build_model("vl_bert", itm_weight=1.0)``.
 """
@@ -180,6 +183,19 @@ def mask_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_row
     return masked, labels
 
 
+def hide_regions(region_mask: torch.Tensor, keep_rows: torch.Tensor, prob: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Regions ``(B, R)`` bool hidden for masked region classification: each real region of every row
+    with probability ``prob`` (VL-BERT's rule: no minimum per image, which would hide the only object
+    of a one-object image), and one region of the first kept row if the draw scored none."""
+    mask = region_mask.bool()
+    _, hidden = mask_regions(mask.float()[..., None], mask, prob, generator, at_least_one=False)
+    if not (hidden & keep_rows[:, None]).any():
+        row = int(keep_rows.nonzero()[0])
+        hidden[row, int(mask[row].nonzero()[0])] = True
+    return hidden
+
+
 class RegionBert(nn.Module):
     """Base class: subclasses define ``embed(batch, input_ids, hidden_regions)`` -> ``(text (B, L, D),
     image (B, R, D), image_mask (B, R))``. See the module docstring for ``forward``."""
@@ -254,12 +270,13 @@ class RegionBert(nn.Module):
             ids, labels = mask_caption(batch["input_ids"], batch["attention_mask"], matched, c.vocab_size, c.mask_prob)
         hidden = None
         if c.mrc_weight > 0:
-            _, hidden = mask_regions(batch["region_feats"], batch["region_mask"], c.region_mask_prob)  # every row
+            hidden = hide_regions(batch["region_mask"], matched, c.region_mask_prob)
         out = self.encode(batch, ids, hidden)
         if c.mlm_weight > 0:
             losses["mlm"] = masked_lm_loss(self.mlm_head(out.text), labels)
-        if c.itm_weight > 0:
-            losses["itm"] = itm_loss(self.itm_from_output(out), matched.long())
+        if c.itm_weight > 0:  # on the pairs whose regions are all visible (see the module docstring)
+            whole = ~hidden.any(1) if hidden is not None and not hidden.any(1).all() else torch.ones_like(matched)
+            losses["itm"] = itm_loss(self.itm_from_output(out)[whole], matched[whole].long())
         if c.mrc_weight > 0:
             losses["mrc"] = self.region_class_loss(out.image, batch, hidden & matched[:, None])
         weights = {"mlm": c.mlm_weight, "itm": c.itm_weight, "mrc": c.mrc_weight}

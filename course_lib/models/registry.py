@@ -15,6 +15,7 @@ from torch import nn
 from course_lib.models.b2t2 import B2T2, B2T2Config
 from course_lib.models.clip import CLIP, CLIPConfig
 from course_lib.models.unicoder_vl import UnicoderVL, UnicoderVLConfig
+from course_lib.models.unified_vlp import UnifiedVLP, UnifiedVLPConfig
 from course_lib.models.visualbert import VisualBert, VisualBertConfig
 from course_lib.models.vl_bert import VLBert, VLBertConfig
 
@@ -30,6 +31,7 @@ MODELS: dict[str, ModelEntry] = {
     "b2t2": ModelEntry(B2T2Config, B2T2),
     "unicoder_vl": ModelEntry(UnicoderVLConfig, UnicoderVL),
     "vl_bert": ModelEntry(VLBertConfig, VLBert),
+    "unified_vlp": ModelEntry(UnifiedVLPConfig, UnifiedVLP),
 }
 
 

@@ -26,12 +26,14 @@ def _bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:
 
 
 def mask_regions(features: torch.Tensor, region_mask: torch.Tensor, prob: float = 0.15,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None,
+                 at_least_one: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero a random subset of real regions: (B, N, D), (B, N) -> ((B, N, D), (B, N) bool).
 
-    Each real region (``region_mask`` True) is masked with probability ``prob``; a sample where
-    none was drawn gets one real region masked at random (UNITER). Returns the masked features
-    (a copy) and ``masked_positions``. The model usually adds a learned mask embedding there.
+    Each real region (``region_mask`` True) is masked with probability ``prob``; with
+    ``at_least_one`` a sample where none was drawn gets one real region masked at random (UNITER;
+    VL-BERT has no such minimum). Returns the masked features (a copy) and ``masked_positions``.
+    The model usually adds a learned mask embedding there.
     """
     check_shape("features", features, (None, None, None))
     region_mask = _bool_mask("region_mask", region_mask, features.shape[:2])
@@ -45,7 +47,7 @@ def mask_regions(features: torch.Tensor, region_mask: torch.Tensor, prob: float 
     # Fallback: pick one real region uniformly (random scores, padding pushed to -1).
     scores = torch.rand(region_mask.shape, generator=generator, device=features.device)
     fallback = scores.masked_fill(~region_mask, -1).argmax(1)                  # (B,)
-    none = ~masked.any(1)
+    none = ~masked.any(1) & at_least_one
     masked[none, fallback[none]] = True
     return features.masked_fill(masked[..., None], 0.0), masked
 
