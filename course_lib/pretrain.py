@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from course_lib.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from course_lib.checkpoint import (get_rng_states, load_checkpoint, remove_stale_temp_files, save_checkpoint,
+                                  set_rng_states)
 from course_lib.data.onthefly import (MicroBatchStream, ShapeWorldPairs, ShardBatches, SyntheticPairs, bound_text,
                                      shard_micro_batches)
 from course_lib.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_flag, cleanup,
@@ -412,9 +413,10 @@ def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResul
     model.to(device)
     optimizer = make_optimizer(model, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, min(config.warmup, config.steps), config.steps)
-    start, history = 0, History()
+    start, history, rng = 0, History(), None
     if mode == "resume":
         start, history = _resume(path, config, model, optimizer, scheduler)
+        rng = get_rng_states()  # the checkpoint's: set again once the data loader has drawn its seed
     if info.is_main:
         print(start_line(mode, path, start, config.steps, config.resume), flush=True)
         if mode == "overwrite" or config.resume:  # this run owns out_dir
@@ -422,7 +424,9 @@ def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResul
     batches = _micro_batches(config, mc, info, micro, accum, start)
     example = next(batches)
     batches = chain([example], batches)
-    flops = model_flops_per_sample(model, _to_device({k: v[:2] for k, v in example.items()}, device))
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # counting runs a forward: it must not draw from the run's RNG
+        flops = model_flops_per_sample(model, _to_device({k: v[:2] for k, v in example.items()}, device))
     runner = wrap_ddp(torch.compile(model) if config.compile else model, info)
     step_fn = _accumulate_contrastive if accum > 1 and hasattr(model, "loss_from_embeddings") else _accumulate
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -432,6 +436,8 @@ def _pretrain(config: PretrainConfig, info: DistInfo, callback) -> PretrainResul
               f"{flops / 1e9:.3f} GFLOPs/sample/step | {config.data} | global batch {config.global_batch} = "
               f"{micro} x {accum} accumulation x {info.world_size} processes | {device_name(device)}, "
               f"bf16={use_bf16}, compile={config.compile}, grad_checkpointing={config.grad_checkpointing}")
+    if rng is not None:  # models that draw (masking, ITM negatives) continue the interrupted run's stream
+        set_rng_states(rng)
     pending, meter = [], Throughput(config.global_batch, flops, device, info.world_size, start)
     for step in range(start + 1, config.steps + 1):
         model.train()
