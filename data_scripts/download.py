@@ -30,6 +30,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -46,6 +47,36 @@ TEXT_SUFFIXES = (".json", ".tsv", ".csv", ".txt", ".jsonl")
 HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 USER_AGENT = "vlp-course-data-scripts/0.1 (+https://github.com/rom1504/img2dataset compatible)"
 PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 405, 410, 451}
+
+
+# Characters a URL may hold as they are (RFC 3986 reserved ones, and '%' of escapes already there).
+URL_SAFE = {"userinfo": "%:!$&'()*+,;=~", "path": "/%:@!$&'()*+,;=~", "query": "/?%:@!$&'()*+,;=~"}
+
+
+def _ascii_netloc(netloc: str) -> str:
+    """``user@host:port`` with a non-ASCII host name in IDNA form and the user part percent-encoded."""
+    if netloc.isascii():
+        return netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    host, colon, port = hostport.partition(":")
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # not a valid international host name: the request fails and is counted as such
+    return urllib.parse.quote(userinfo, safe=URL_SAFE["userinfo"]) + at + host + colon + port
+
+
+def quote_url(url: str) -> str:
+    """``url`` as a browser sends it: spaces, control and non-ASCII characters of the path and
+    query percent-encoded as UTF-8, a non-ASCII host name in IDNA (``xn--``) form, the fragment
+    (never sent) dropped. A URL without such characters comes back unchanged, and escapes
+    already there are kept (``%20`` stays ``%20``)."""
+    if url.isascii() and not re.search(r"[\x00-\x20\x7f]", url):
+        return url
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = _ascii_netloc(parts.netloc)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=URL_SAFE["path"]),
+                                    urllib.parse.quote(parts.query, safe=URL_SAFE["query"]), ""))
 
 
 class DownloadError(OSError):

@@ -99,12 +99,14 @@ DATASETS: dict[str, DatasetInfo] = {
         name="cc3m",
         files=(
             # Google publishes these behind a terms page (ai.google.com/research/ConceptualCaptions);
-            # the direct bucket links below are the ones that page points to. Size/checksum: None.
-            RemoteFile(url=f"{CC3M_BASE}/Train/GCC-training.tsv", filename="GCC-training.tsv"),
+            # the direct bucket links below are the ones that page points to. Saved under the names
+            # the page's downloads get (bucket folder + "_" + object name). Size/checksum: None.
+            RemoteFile(url=f"{CC3M_BASE}/Train/GCC-training.tsv", filename="Train_GCC-training.tsv"),
             RemoteFile(url=f"{CC3M_BASE}/Validation/GCC-1.1.0-Validation.tsv",
-                       filename="GCC-1.1.0-Validation.tsv"),
+                       filename="Validation_GCC-1.1.0-Validation.tsv"),
         ),
-        format="TSV without header: caption<TAB>image URL (3,318,333 train / 15,840 val rows); "
+        format="Train_GCC-training.tsv, Validation_GCC-1.1.0-Validation.tsv: TSV without header, "
+               "caption<TAB>image URL (3,318,333 train / 15,840 val rows); "
                "images fetched from the original hosts; a growing share of links is dead (over 12% by 2021)",
         license="captions: free to use with acknowledgement of Google LLC; images belong to their "
                 "owners (only URLs are distributed)",

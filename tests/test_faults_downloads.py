@@ -12,7 +12,6 @@ import io
 import json
 import re
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ if str(REPO) not in sys.path:
 from data_scripts import download as dl  # noqa: E402
 from data_scripts import registry  # noqa: E402
 from data_scripts.registry import DatasetInfo, RemoteFile  # noqa: E402
+from fixtures_datasets import loopback_server  # noqa: E402
 
 HTML = b"<!DOCTYPE html><html><body><h1>503 Service Unavailable</h1></body></html>"
 
@@ -99,14 +99,8 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FaultyHandler)  # port 0: a free port
-    httpd.files, httpd.next, httpd.versions, httpd.faults, httpd.requests = {}, {}, {}, {}, []
-    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_server(FaultyHandler, files={}, next={}, versions={}, faults={}, requests=[]) as httpd:
+        yield httpd
 
 
 def serve(server, name: str, data: bytes, **faults) -> str:

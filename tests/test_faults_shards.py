@@ -108,6 +108,31 @@ def test_a_shard_cut_anywhere_never_yields_a_partial_sample(tmp_path):
             assert dataset.stats["reasons"].get("corrupt_shard") == 1 and len(samples) < 3, cut
 
 
+def test_a_shard_cut_inside_a_header_and_zero_filled_is_found(tmp_path):
+    # The fault: a crash can leave a file of its full size whose end is zeros. tarfile stops quietly
+    # at the damaged header, and the file ends in zeros as a complete tar does: z2 was lost unseen.
+    full = raw_shard(tmp_path / "full.tar", [good(f"z{i}", i) for i in range(3)])
+    header = member_offsets(full)["z2.jpg"][0]
+    (tmp_path / "z.tar").write_bytes(full[: header + 100] + bytes(len(full) - header - 100))
+    dataset = ShardDataset(tmp_path / "z.tar", split_by_node=False, split_by_worker=False)
+    with pytest.warns(UserWarning, match=f"damaged member header at byte {header}"):
+        samples = list(dataset)
+    assert [s["key"] for s in samples] == ["z0"]  # z1 came last before the break: dropped, as it may be incomplete
+    assert dataset.stats["reasons"] == {"corrupt_shard": 1, "truncated_sample": 1}
+    with pytest.raises(ShardError, match=f"damaged member header at byte {header}"):
+        verify_shards(tmp_path / "z.tar")
+
+
+def test_members_after_the_end_of_archive_blocks_are_reported(tmp_path):
+    first = raw_shard(tmp_path / "first.tar", [good("j0", 0)])
+    second = raw_shard(tmp_path / "second.tar", [good("j1", 1)])
+    (tmp_path / "joined.tar").write_bytes(first + second)  # two tars joined: tarfile reads only the first
+    with pytest.raises(ShardError, match=f"data at byte {len(first)}, after its end-of-archive blocks"):
+        verify_shards(tmp_path / "joined.tar")
+    (tmp_path / "padded.tar").write_bytes(first + bytes(4096))  # zeros after the end: a complete tar
+    assert verify_shards(tmp_path / "padded.tar", require_text=True) == {"shards": 1, "samples": 1}
+
+
 @pytest.mark.parametrize("shard, message", [
     ("a.tar", r"sample 'a1' .* has no caption"),
     ("b.tar", r"sample 'b0' .* field 'txt' twice"),

@@ -23,8 +23,9 @@ every ``txt`` / ``json`` field parses, and every ``.npy`` field loads) before it
 sample: an unusable one is skipped and counted in the manifest, never stored.
 
 Reading skips what it cannot use and counts it by reason in ``ShardDataset.stats``: a shard
-that cannot be opened or breaks off (``corrupt_shard``; its last sample, which may have lost
-fields, is dropped as ``truncated_sample``), a sample without an image (``missing_image``) or
+that cannot be opened or breaks off (``corrupt_shard``: cut short, a damaged header, data after
+its end-of-archive blocks; its last sample, which may have lost fields, is dropped as
+``truncated_sample``), a sample without an image (``missing_image``) or
 without a caption (``missing_txt``), an image that does not decode (``corrupt_image``), a
 caption or JSON that does not parse (``corrupt_txt``, ``corrupt_json``), a field twice in one
 sample (``duplicate_field``). A caption is read up to ``max_text_bytes`` (1 MiB): the rest is
@@ -33,6 +34,7 @@ skipped without being held in memory.
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import io
@@ -66,6 +68,7 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 NPY_SUFFIX = "npy"  # a field named "npy" or "<name>.npy" holds one numpy array in .npy format
 MAX_TEXT_BYTES = 1 << 20  # a caption is read up to 1 MiB; the model reads tens of tokens of it
 TAR_END = bytes(1024)  # a complete tar ends with two zero blocks (POSIX end-of-archive)
+TAIL_WINDOW = 4 * tarfile.RECORDSIZE  # more than tarfile reads ahead of the header it stops at
 
 
 class SkipSample(Exception):
@@ -537,30 +540,68 @@ def open_shards(source: Iterable[dict], handler: Callable[[BaseException], bool]
 
 
 class _TailReader:
-    """A file wrapper for ``tarfile``'s stream mode that remembers the first and last bytes read."""
+    """A file wrapper for ``tarfile``'s stream mode that remembers the first bytes read and the
+    last ``keep`` or more (with their position), so that where tarfile stopped can be checked."""
 
-    def __init__(self, fileobj, keep: int = len(TAR_END)):
+    def __init__(self, fileobj, keep: int = TAIL_WINDOW):
         self.fileobj, self.keep = fileobj, keep
-        self.head, self.tail = b"", b""
+        self.head = b""
+        self.recent: collections.deque[bytes] = collections.deque()  # the last reads, not copied
+        self.recent_bytes = 0
+        self.position = 0  # bytes read so far; ``recent`` ends here
 
     def read(self, size: int = -1) -> bytes:
         data = self.fileobj.read(size)
         if len(self.head) < 4:
             self.head = (self.head + data)[:4]
-        self.tail = (self.tail + data[-self.keep:])[-self.keep:]
+        self.recent.append(data)
+        self.recent_bytes += len(data)
+        while self.recent_bytes - len(self.recent[0]) >= self.keep:
+            self.recent_bytes -= len(self.recent.popleft())
+        self.position += len(data)
         return data
 
-    def ends_like_a_tar(self) -> bool:
-        """Read to the end; True if the file ends with the two zero blocks of a complete tar.
+    def _read_since(self, offset: int) -> bytes:
+        """The bytes already read from ``offset`` on (those still kept)."""
+        window = b"".join(self.recent)
+        start = offset - (self.position - len(window))
+        return window[max(0, start):] if offset < self.position else b""
 
-        tarfile stops quietly at a shard cut between two members, or inside the zero padding of
-        a member; the missing end-of-archive marker is what tells. Compressed shards are checked
-        by their decompressor instead.
+    def end_problem(self, stop: int) -> str | None:
+        """Read to the end; None if, from byte ``stop`` (where tarfile stopped reading headers), the
+        file holds the end-of-archive blocks and only zeros after them; else what is wrong.
+
+        tarfile stops quietly at a shard cut between two members, inside the zero padding of a
+        member, or at a damaged header (a shard cut inside a header and zero-filled to its size,
+        as a crash can leave it); the end-of-archive check is what tells. Compressed shards are
+        checked by their decompressor instead.
         """
-        while self.read(1 << 16):
-            pass
-        compressed = self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
-        return compressed or self.tail == TAR_END
+        if self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            while self.read(1 << 16):
+                pass
+            return None
+        zeros, first_data = self._zeros_from(self._read_since(stop), stop)
+        if first_data is not None and zeros < len(TAR_END):
+            return (f"the shard holds a damaged member header at byte {stop} (cut short and zero-filled, or "
+                    "overwritten): the members from there on are lost")
+        if first_data is not None:
+            return (f"the shard holds data at byte {first_data}, after its end-of-archive blocks (a zeroed "
+                    "region, or tars joined together): the members from there on are not read")
+        if zeros < len(TAR_END):
+            return "the shard ends without the tar end-of-archive blocks: it was cut short"
+        return None
+
+    def _zeros_from(self, seen: bytes, stop: int) -> tuple[int, int | None]:
+        """(zero bytes from ``stop`` up to the first other byte, the position of that byte or None),
+        reading the file to its end."""
+        chunk, offset = seen, stop
+        while chunk:
+            leading = len(chunk) - len(chunk.lstrip(b"\0"))
+            if leading < len(chunk):
+                return offset + leading - stop, offset + leading
+            offset += len(chunk)
+            chunk = self.read(1 << 16)
+        return offset - stop, None
 
 
 def _read_members(fileobj, url: str, max_text_bytes: int, reading: dict):
@@ -582,8 +623,9 @@ def _read_members(fileobj, url: str, max_text_bytes: int, reading: dict):
         reading["fname"] = None
         yield {"fname": info.name, "data": data, "__url__": url}
         stream.members = []  # tarfile keeps every TarInfo otherwise
-    if not reader.ends_like_a_tar():
-        raise tarfile.ReadError("the shard ends without the tar end-of-archive blocks: it was cut short")
+    problem = reader.end_problem(stream.offset)
+    if problem:
+        raise tarfile.ReadError(problem)
 
 
 def _utf8_prefix(data: bytes) -> bytes:
