@@ -19,6 +19,7 @@ is far from optimal (its error is printed as a floor).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -75,8 +76,8 @@ def ours(cost: torch.Tensor, iterations: int, cost_scale="auto") -> torch.Tensor
     return (cost * ipot(cost, iterations=iterations, cost_scale=cost_scale)).sum(dim=(1, 2))
 
 
-def pot_batch(cost: torch.Tensor, method: str, reg):
-    result = ot.batch.solve_batch(cost, reg=reg, method=method, max_iter=1000, tol=1e-5)
+def pot_batch(cost: torch.Tensor, method: str, reg, max_iter: int = 1000):
+    result = ot.batch.solve_batch(cost, reg=reg, method=method, max_iter=max_iter, tol=1e-5)
     return result.value_linear, int(result.log["n_iter"]) + 1
 
 
@@ -90,6 +91,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap of POT's batched solvers")
+    parser.add_argument("--json", default=None, help="also write the setup and every row to this JSON file "
+                        "(benchmarks/gpu_throughput.py reads it)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.repeats = 32, 1
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     for method, reg in pot_runs + [("proximal", None)]:
         name = f"POT solve_batch {method}" + (f" reg {reg}" if reg else "")
         try:  # POT 0.9.7's plain "sinkhorn" has a CUDA device bug: report a failure, don't stop
-            seconds, (values, n_iter) = timed(lambda: pot_batch(cost, method, reg), device,
+            seconds, (values, n_iter) = timed(lambda: pot_batch(cost, method, reg, args.max_iter), device,
                                               1 if method == "proximal" else args.repeats)
         except Exception as error:  # noqa: BLE001
             rows.append(Row(name, float("nan"), float("nan"), float("nan"), f"FAILED: {error!s:.60}"))
@@ -154,6 +158,14 @@ def main(argv=None) -> None:
     else:
         print("\nno POT batched solver reached 1% mean error")
     print("reproduce: python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
+    if args.json:
+        setup = {"batch": args.batch, "words": args.words, "regions": args.regions, "dim": args.dim,
+                 "device": str(device), "torch": torch.__version__, "pot": ot.__version__,
+                 "threads": torch.get_num_threads(), "repeats": args.repeats, "cost_ms": cost_time * 1e3}
+        rows_out = [{"name": r.name, "ms": r.seconds * 1e3, "mean_err": r.mean_err, "max_err": r.max_err,
+                     "note": r.note} for r in rows]
+        with open(args.json, "w") as f:  # NaN (no time, failed rows) is written as JSON's NaN
+            json.dump({"setup": setup, "rows": rows_out}, f, indent=1)
 
 
 if __name__ == "__main__":

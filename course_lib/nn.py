@@ -1,7 +1,10 @@
 """Attention and transformer blocks shared by every model of the course.
 
 Mask convention everywhere: ``key_mask`` is ``(B, Nk)`` with True/1 for a real token and False/0 for
-padding (like Hugging Face's ``attention_mask``). Attention uses the fused
+padding (like Hugging Face's ``attention_mask``). A per-sample ``attn_mask`` ``(B, Nq, Nk)`` bool, True
+where query i may attend to key j, says *who sees whom* beyond padding (Unified VLP's seq2seq and
+bidirectional masks, chosen per sample; ``course_lib.fusion.attention_masks``); it is combined with
+``key_mask`` and ``causal`` by AND. Attention uses the fused
 ``F.scaled_dot_product_attention`` unless the caller asks for the attention map, then the readable
 ``softmax(Q K^T / sqrt(d)) V`` path; both give the same numbers (tested).
 """
@@ -42,11 +45,23 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(self.context_dim, dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
+    def _project(self, x: torch.Tensor, context: torch.Tensor):
+        """``(query(x), key(context), value(context))``, each ``(B, N, D)``, in as few matrix products
+        as possible: self-attention (``context is x``) multiplies by ``[W_q; W_k; W_v]`` once (one read
+        of ``x``, one GEMM three times as wide: what ``nn.MultiheadAttention``'s ``in_proj`` and
+        open_clip do), cross-attention by ``W_q`` and ``[W_k; W_v]``. The parameters keep their names
+        (``query``, ``key``, ``value``), so state dicts load as before; the outputs are views."""
+        layers = (self.query, self.key, self.value) if context is x else (self.key, self.value)
+        weight = torch.cat([layer.weight for layer in layers])  # (n * D, Din)
+        bias = None if self.query.bias is None else torch.cat([layer.bias for layer in layers])
+        fused = F.linear(context, weight, bias).split(self.dim, dim=-1)  # n x (B, N, D)
+        return tuple(fused) if context is x else (self.query(x), *fused)
+
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         B, N, _ = t.shape
         return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
 
-    def _allowed(self, key_mask, causal: bool, Nq: int, Nk: int, device) -> torch.Tensor | None:
+    def _allowed(self, key_mask, causal: bool, Nq: int, Nk: int, device, attn_mask=None) -> torch.Tensor | None:
         """Boolean ``(B, 1, Nq, Nk)`` (or ``(Nq, Nk)``) mask, True where a query may attend to a key."""
         allowed = None
         if key_mask is not None:
@@ -54,11 +69,16 @@ class MultiHeadAttention(nn.Module):
         if causal:
             future_ok = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril()  # (Nq, Nk)
             allowed = future_ok if allowed is None else allowed & future_ok  # (B, 1, Nq, Nk)
+        if attn_mask is not None:
+            per_sample = attn_mask[:, None]  # (B, 1, Nq, Nk), the same for every head
+            allowed = per_sample if allowed is None else allowed & per_sample
         return allowed
 
-    def forward(self, x, context=None, key_mask=None, causal: bool = False, return_attention: bool = False):
+    def forward(self, x, context=None, key_mask=None, causal: bool = False, return_attention: bool = False,
+                attn_mask=None):
         """``x (B, Nq, D)``, ``context (B, Nk, Dc) | None``, ``key_mask (B, Nk) | None`` ->
-        ``(out (B, Nq, D), attn (B, H, Nq, Nk) | None)``. ``causal``: query t sees keys <= t."""
+        ``(out (B, Nq, D), attn (B, H, Nq, Nk) | None)``. ``causal``: query t sees keys <= t.
+        ``attn_mask (B, Nq, Nk) | None`` bool: True where query i may attend to key j (per sample)."""
         check_shape("x", x, (None, None, self.dim))
         B, Nq, _ = x.shape
         if context is None:
@@ -71,15 +91,18 @@ class MultiHeadAttention(nn.Module):
             check_shape("key_mask", key_mask, (B, Nk))
         if causal and Nq != Nk:
             raise ValueError(f"causal=True needs as many queries as keys, got Nq={Nq}, Nk={Nk}")
+        if attn_mask is not None:
+            check_shape("attn_mask", attn_mask, (B, Nq, Nk))
+            if attn_mask.dtype != torch.bool:
+                raise ValueError(f"attn_mask must be a bool tensor (True: query i may attend to key j), "
+                                 f"got dtype {attn_mask.dtype}")
 
-        q = self._split_heads(self.query(x))  # (B, H, Nq, hd)
-        k = self._split_heads(self.key(context))  # (B, H, Nk, hd)
-        v = self._split_heads(self.value(context))  # (B, H, Nk, hd)
+        q, k, v = (self._split_heads(t) for t in self._project(x, context))  # (B, H, Nq | Nk, hd) each
 
-        allowed = self._allowed(key_mask, causal, Nq, Nk, x.device)
+        allowed = self._allowed(key_mask, causal, Nq, Nk, x.device, attn_mask)
         has_key = None
-        if key_mask is not None:
-            # A query whose keys are all padding would softmax over nothing (NaN). Let it attend to
+        if key_mask is not None or attn_mask is not None:
+            # A query whose keys are all hidden would softmax over nothing (NaN). Let it attend to
             # every key, then zero its output, so the row is finite and carries no information.
             has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Nq, 1)
             allowed = allowed | ~has_key
@@ -95,7 +118,7 @@ class MultiHeadAttention(nn.Module):
                 attn = attn * has_key  # fully masked rows -> all-zero weights
             y = F.dropout(attn, p_drop, self.training) @ v  # (B, H, Nq, hd)
         else:
-            if key_mask is None and causal:
+            if key_mask is None and attn_mask is None and causal:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)  # (B, H, Nq, hd)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)  # (B, H, Nq, hd)
@@ -169,16 +192,19 @@ class TransformerLayer(nn.Module):
         out, attn = block(x)
         return norm(x + out), attn
 
-    def forward(self, x, key_mask=None, context=None, context_mask=None, return_attention: bool = False):
+    def forward(self, x, key_mask=None, context=None, context_mask=None, return_attention: bool = False,
+                attn_mask=None):
         """``x (B, N, D)``, ``key_mask (B, N)``, ``context (B, Nc, Dc)``, ``context_mask (B, Nc)`` ->
-        ``(x (B, N, D), {"self": (B, H, N, N) | None[, "cross": (B, H, N, Nc) | None]})``."""
+        ``(x (B, N, D), {"self": (B, H, N, N) | None[, "cross": (B, H, N, Nc) | None]})``.
+        ``attn_mask (B, N, N)`` bool restricts the self-attention per sample (True: may attend)."""
         if self.has_cross and context is None:
             raise ValueError("context is required: this layer was built with cross_attention=True")
         if not self.has_cross and (context is not None or context_mask is not None):
             raise ValueError("context/context_mask given, but this layer was built with cross_attention=False")
 
         def self_block(h):
-            out, attn = self.attn(h, key_mask=key_mask, causal=self.causal, return_attention=return_attention)
+            out, attn = self.attn(h, key_mask=key_mask, causal=self.causal, return_attention=return_attention,
+                                  attn_mask=attn_mask)
             return self.dropout(out), attn
 
         def cross_block(h):
@@ -196,8 +222,9 @@ class TransformerLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     """A stack of ``num_layers`` ``TransformerLayer``s (final LayerNorm when ``norm_first``), BERT-initialised.
 
-    ``forward(x (B, N, D), key_mask (B, N), context (B, Nc, Dc), context_mask (B, Nc))`` ->
-    ``(hidden (B, N, D), [per-layer {"self": ..., "cross": ...} attention maps])``.
+    ``forward(x (B, N, D), key_mask (B, N), context (B, Nc, Dc), context_mask (B, Nc), attn_mask (B, N, N))``
+    -> ``(hidden (B, N, D), [per-layer {"self": ..., "cross": ...} attention maps])``; ``attn_mask``
+    (bool, True: query i may attend to key j) applies to every layer's self-attention.
     """
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
@@ -214,10 +241,11 @@ class TransformerEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm_first else nn.Identity()
         init_weights(self)
 
-    def forward(self, x, key_mask=None, context=None, context_mask=None, return_attention: bool = False):
+    def forward(self, x, key_mask=None, context=None, context_mask=None, return_attention: bool = False,
+                attn_mask=None):
         maps = []
         for layer in self.layers:
-            x, layer_maps = layer(x, key_mask, context, context_mask, return_attention)
+            x, layer_maps = layer(x, key_mask, context, context_mask, return_attention, attn_mask=attn_mask)
             maps.append(layer_maps)
         return self.final_norm(x), maps
 

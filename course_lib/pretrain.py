@@ -246,18 +246,31 @@ def _region_micro_batches(config, mc, info: DistInfo, micro: int, accum: int, st
     """Region batches (``input_ids``, ``region_feats`` (B, R, F), ...) of ShapeWorld's detected regions,
     or of bottom-up-attention region shards padded to ``max_regions`` (the model config's, else 36)."""
     tokenizer = _tokenizer(config, mc.vocab_size, info)
+    tags = getattr(mc, "use_tags", False)  # Oscar reads the detector's class names as object tags
     if config.data == "shapeworld":
         from course_lib.data.regions import ShapeWorldRegions
         from course_lib.data.shapeworld import ShapeWorld
         make = ShapeWorldRegions(ShapeWorld(seed=config.seed), tokenizer, mc.context_length,
-                                 **({"max_regions": mc.max_regions} if hasattr(mc, "max_regions") else {}))
+                                 **({"max_regions": mc.max_regions} if hasattr(mc, "max_regions") else {}),
+                                 **({"tag_tokens": mc.max_tag_tokens} if tags else {}))
         stream = MicroBatchStream(make, micro, accum, info.rank, info.world_size, start_step)
         return iter(DataLoader(stream, batch_size=None, **workers))
     from course_lib.data.region_shards import DEFAULT_MAX_REGIONS, RegionBatches, RegionShardDataset
     max_regions = getattr(mc, "max_regions", DEFAULT_MAX_REGIONS)
     shards = RegionShardDataset(config.data_path, max_regions=max_regions, shuffle=1000, seed=config.seed)
-    collate = RegionBatches(tokenizer, mc.context_length, max_regions)
+    collate = RegionBatches(tokenizer, mc.context_length, max_regions, **(_tag_names(mc) if tags else {}))
     return shard_micro_batches(shards, micro, collate, skip=start_step * accum, **workers)
+
+
+def _tag_names(mc) -> dict:
+    """The class names that turn region shards' labels into object tags (``--model.tag_names_file``)."""
+    from course_lib.features.tags import read_class_names
+
+    if not mc.tag_names_file:
+        raise ValueError("--data=region_shards gives class ids, and the model reads object tags: pass "
+                         "--model.tag_names_file=PATH, a file naming the detector's classes one per line (line i "
+                         "names class i, e.g. bottom-up-attention's objects_vocab.txt), or --model.use_tags=False")
+    return {"tag_names": read_class_names(mc.tag_names_file), "tag_tokens": mc.max_tag_tokens}
 
 
 def _checked_regions(batches, config: PretrainConfig, mc):
@@ -288,14 +301,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _accumulate(runner, raw, batches, autocast):
-    """Plain accumulation: backpropagate each micro-batch's loss / k (losses that are means over samples)."""
-    accum, total = len(batches), None
+    """Plain accumulation: backpropagate each micro-batch's loss / k (losses that are means over samples).
+
+    A model may log different scalars on different micro-batches (UNITER runs one task per batch): each
+    is summed over the micro-batches that logged it, divided by k, as ``course_lib.train`` does."""
+    accum, total = len(batches), {}
     for m, batch in enumerate(batches):
         with runner.no_sync() if m < accum - 1 and hasattr(runner, "no_sync") else nullcontext(), autocast():
             out = runner(batch)
             (out["loss"] / accum).backward()
-        scalars = {k: v.detach().float() / accum for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        total = scalars if total is None else {k: total[k] + v for k, v in scalars.items()}
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                total[k] = total[k] + v.detach().float() / accum if k in total else v.detach().float() / accum
     return total
 
 

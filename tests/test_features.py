@@ -98,8 +98,9 @@ def test_box_geometry_hand_checked():
     torch.testing.assert_close(box_geometry(boxes, (50, 100), "4d"), torch.tensor([[x1, y1, x2, y2]]))
     torch.testing.assert_close(box_geometry(boxes, (50, 100), "5d"), torch.tensor([[x1, y1, x2, y2, w * h]]))
     torch.testing.assert_close(box_geometry(boxes, (50, 100), "7d"), torch.tensor([[x1, y1, x2, y2, w, h, w * h]]))
+    torch.testing.assert_close(box_geometry(boxes, (50, 100), "6d"), torch.tensor([[x1, y1, x2, y2, w, h]]))  # Oscar
     with pytest.raises(ValueError, match="kind"):
-        box_geometry(boxes, 100, "6d")
+        box_geometry(boxes, 100, "3d")
     with pytest.raises(ValueError, match="boxes.*box 0"):
         box_geometry(torch.tensor([[60.0, 5.0, 10.0, 25.0]]), (50, 100))
 

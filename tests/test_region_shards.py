@@ -306,7 +306,14 @@ def test_region_models_pretrain_on_region_shards(vg_shards, tmp_path, model):
     #   --global_batch=4 --model.region_feat_dim=2048 --num_workers=0 (VG labels need 1601 classes)
     from course_lib.pretrain import parse_args, pretrain
 
-    argv = pretrain_args(vg_shards, tmp_path / "run", "--model.num_region_classes=1601", model=model)
+    from course_lib.models.registry import build_config
+
+    extra = ["--model.num_region_classes=1601"]
+    if hasattr(build_config(model), "tag_names_file"):  # object tags (Oscar): the detector's class names
+        names = tmp_path / "objects_vocab.txt"
+        names.write_text("\n".join(f"object{i}" for i in range(1600)) + "\n")
+        extra.append(f"--model.tag_names_file={names}")
+    argv = pretrain_args(vg_shards, tmp_path / "run", *extra, model=model)
     result = pretrain(parse_args(argv))
     assert result.history.steps == [1, 2, 3]
     assert all(math.isfinite(loss) for loss in result.history.losses)

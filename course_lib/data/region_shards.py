@@ -147,12 +147,23 @@ class RegionBatches:
     ``input_ids``, ``attention_mask`` (B, L) int64 (``[CLS] caption [SEP] [PAD]...``, L =
     ``context_length``), ``region_feats`` (B, R, F) float32, ``region_boxes`` (B, R, 4) float32,
     ``region_mask`` (B, R) bool, ``region_labels`` (B, R) int64 (see :func:`pad_regions`; R =
-    ``max_regions``), ``index`` (B,) int64 (:func:`key_index` of each sample's key)."""
+    ``max_regions``), ``index`` (B,) int64 (:func:`key_index` of each sample's key).
 
-    def __init__(self, tokenizer, context_length: int, max_regions: int = DEFAULT_MAX_REGIONS):
+    With ``tag_names`` (the detector's class names, ``tag_names[c]`` naming class ``c``: e.g.
+    bottom-up-attention's ``objects_vocab.txt``, read by ``course_lib.features.tags.read_class_names``)
+    it also gives Oscar's object tags ``tag_ids``/``tag_mask`` (B, ``tag_tokens``)
+    (``course_lib.features.tags.ObjectTags``)."""
+
+    def __init__(self, tokenizer, context_length: int, max_regions: int = DEFAULT_MAX_REGIONS,
+                 tag_names=None, tag_tokens: int = 32):
         _check_int("context_length", context_length, 2)
         _check_int("max_regions", max_regions, 1)
         self.tokenizer, self.context_length, self.max_regions = tokenizer, context_length, max_regions
+        self.tags = None
+        if tag_names is not None:
+            from course_lib.features.tags import ObjectTags
+
+            self.tags = ObjectTags(tokenizer, tag_names, tag_tokens)
 
     def __call__(self, samples: list[dict]) -> dict:
         if not samples:
@@ -160,8 +171,9 @@ class RegionBatches:
         missing = [s.get("key") for s in samples if "feats" not in s]
         if missing:
             raise ValueError(f"samples {missing[:3]} have no region arrays; read them with arrays=True")
-        return {**_tokenize(self.tokenizer, [s["text"] for s in samples], self.context_length),
-                **pad_regions(samples, self.max_regions),
+        regions = pad_regions(samples, self.max_regions)
+        tags = {} if self.tags is None else self.tags(regions["region_labels"], regions["region_mask"])
+        return {**_tokenize(self.tokenizer, [s["text"] for s in samples], self.context_length), **regions, **tags,
                 "index": torch.tensor([key_index(s["key"]) for s in samples], dtype=torch.long)}
 
 

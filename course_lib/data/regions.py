@@ -19,6 +19,10 @@ image_feat        (B, F) float32            the whole image pooled like a region
 images            (B, 3, H, W) uint8        the pixels (ShapeWorld only)
 token_box         (B, L) int64              the region a token names (its shape word), -1 if none
 index             (B,) int64                the scene numbers
+tag_ids           (B, T) int64              with ``tag_tokens=T``: the detector's class names as
+                                            word pieces, then ``[SEP]`` (Oscar's object tags,
+                                            ``course_lib.features.tags``)
+tag_mask          (B, T) int64              1 for a real tag token (and the ``[SEP]``)
 ================  ========================  ====================================================
 
 A region's feature stands in for the 2048-d Faster R-CNN vector of the papers: RoIAlign of the
@@ -125,10 +129,13 @@ class ShapeWorldRegions:
     process and worker sees the same) or ``"description"`` (the canonical caption, every object left
     to right). max_regions: boxes kept per image (the detector's first ones). A scene where the
     detector found nothing gets the whole image as its one region (label -1, "no object").
+    tag_tokens: when > 0, every batch also holds Oscar's object tags, ``tag_ids``/``tag_mask``
+    ``(B, tag_tokens)``: the world's class names of the detector's labels (its errors included).
     """
 
     def __init__(self, world: ShapeWorld, tokenizer, context_length: int, max_regions: int = 6,
-                 detector: DetectorConfig | None = None, split: str = "train", caption: str = "random"):
+                 detector: DetectorConfig | None = None, split: str = "train", caption: str = "random",
+                 tag_tokens: int = 0):
         if not isinstance(world, ShapeWorld):
             raise ValueError(f"world must be a ShapeWorld, got {type(world).__name__}")
         check_one_of("split", split, SPLITS)
@@ -140,6 +147,14 @@ class ShapeWorldRegions:
         self.max_regions, self.detector = max_regions, detector or DetectorConfig()
         self.split, self.caption = split, caption
         self.num_classes = world.num_classes
+        if isinstance(tag_tokens, bool) or not isinstance(tag_tokens, int) or tag_tokens < 0 or tag_tokens == 1:
+            raise ValueError(f"tag_tokens must be 0 (no tags) or an int >= 2 (a tag and [SEP]), got {tag_tokens!r}")
+        self.tags = None
+        if tag_tokens:
+            from course_lib.features.tags import ObjectTags
+
+            names = [world.config.class_name(c) for c in range(self.num_classes)]
+            self.tags = ObjectTags(tokenizer, names, tag_tokens)
 
     def captions(self, scenes) -> list[str]:
         if self.caption == "description":
@@ -179,9 +194,13 @@ class ShapeWorldRegions:
         src = _pad_to(src[..., 0], self.max_regions, -1).long()
         flat_probs[~mask] = F.one_hot(torch.tensor(self.num_classes), self.num_classes + 1).float()
         labels[~mask] = -1
-        return {"region_feats": feats, "region_boxes": flat_boxes, "region_mask": mask, "region_labels": labels,
-                "region_probs": flat_probs, "image_feat": whole_image_features(images), "images": pixels,
-                "region_source": src}
+        src[~mask] = -1  # padding shows no object (pad_regions pads with 0, which is object 0)
+        out = {"region_feats": feats, "region_boxes": flat_boxes, "region_mask": mask, "region_labels": labels,
+               "region_probs": flat_probs, "image_feat": whole_image_features(images), "images": pixels,
+               "region_source": src}
+        if self.tags is not None:
+            out.update(self.tags(labels, mask))
+        return out
 
     def text(self, texts: Sequence[str], scenes=None, source: torch.Tensor | None = None) -> dict:
         """Token ids and mask ``(B, L)``; with ``scenes`` and ``source`` also ``token_box (B, L)``."""
@@ -209,6 +228,30 @@ class ShapeWorldRegions:
         batch["answers"] = torch.tensor([answers.index(a) for _, _, a, _ in rows])
         batch["question_types"] = torch.tensor([QUESTION_TYPES.index(t) for _, _, _, t in rows])
         batch["index"] = torch.as_tensor(list(indices), dtype=torch.long)[scene_rows]
+        return batch
+
+    def phrases(self, indices: Sequence[int], min_objects: int = 1) -> dict:
+        """Referring expressions for grounding: one row per object of the scenes ``indices`` that hold at
+        least ``min_objects`` objects. Each row has the region keys of its scene (the *detected* boxes), the
+        object's phrase (``scene.region_phrases``: "the triangle", "the red circle", true of that object
+        only) as ``input_ids``/``attention_mask``, ``gt_box (N, 4)`` its true box (normalised x1, y1, x2,
+        y2), ``index (N,)`` the scene and ``object (N,)`` the object. Score with
+        ``course_lib.evaluate.GroundingFineTuner`` (acc@0.5 of the chosen detected box)."""
+        if not isinstance(min_objects, int) or isinstance(min_objects, bool) or min_objects < 1:
+            raise ValueError(f"min_objects must be an int >= 1, got {min_objects!r}")
+        indices = [i for i, s in zip(indices, self.world.scenes(indices, self.split)) if len(s.objects) >= min_objects]
+        if not indices:
+            raise ValueError(f"no scene of the given indices has {min_objects} objects or more")
+        scenes = self.world.scenes(indices, self.split)
+        regions = self.regions(scenes)
+        regions.pop("region_source")
+        rows = [(i, o, phrase) for i, s in enumerate(scenes) for o, phrase in enumerate(s.region_phrases)]
+        scene_rows = torch.tensor([i for i, _, _ in rows])
+        batch = {k: v[scene_rows] for k, v in regions.items()}
+        batch.update(self.text([phrase for _, _, phrase in rows]))
+        batch["gt_box"] = torch.from_numpy(np.stack([scenes[i].normalized_boxes[o] for i, o, _ in rows]))
+        batch["index"] = torch.as_tensor(indices, dtype=torch.long)[scene_rows]
+        batch["object"] = torch.tensor([o for _, o, _ in rows])
         return batch
 
     def __call__(self, indices: Sequence[int]) -> dict:

@@ -8,7 +8,8 @@
 - ``captioning``: corpus BLEU-4 and CIDEr with pycocoevalcap (tokenised in Python, no Java) and the
   most-frequent-caption baseline;
 - ``caption_truth``: whether a caption of ShapeWorld's grammar is true of its scene;
-- ``fused``: retrieval and VQA fine-tuning for fused models (an ITM head, a pooled output).
+- ``fused``: retrieval, VQA fine-tuning and grounding by region scoring for fused models (an ITM head,
+  a pooled output, one output per region).
 
 Everything public is importable from here: ``from course_lib.evaluate import recall_at_k``.
 """
@@ -17,7 +18,17 @@ from course_lib.evaluate.boxes import box_iou, grounding_accuracy
 from course_lib.evaluate.caption_truth import caption_is_true, caption_truth_rate, parse_caption
 from course_lib.evaluate.captioning import caption_metrics, most_frequent_caption, tokenize_caption
 from course_lib.evaluate.classification import accuracy
-from course_lib.evaluate.fused import VQAFineTuner, fused_retrieval, match_matrix, pair_batch
+from course_lib.evaluate.fused import (
+    GroundingFineTuner,
+    VQAFineTuner,
+    fused_retrieval,
+    grounding_chance,
+    grounding_targets,
+    match_matrix,
+    pair_batch,
+    plan_alignment,
+    region_ious,
+)
 from course_lib.evaluate.retrieval import chance_recall_at_k, positives_matrix, recall_at_k
 from course_lib.evaluate.vqa import (
     VQAHead,
@@ -28,6 +39,7 @@ from course_lib.evaluate.vqa import (
 )
 
 __all__ = [
+    "GroundingFineTuner",
     "VQAFineTuner",
     "VQAHead",
     "fused_retrieval",
@@ -40,10 +52,14 @@ __all__ = [
     "caption_truth_rate",
     "chance_recall_at_k",
     "grounding_accuracy",
+    "grounding_chance",
+    "grounding_targets",
     "most_frequent_caption",
     "parse_caption",
+    "plan_alignment",
     "positives_matrix",
     "recall_at_k",
+    "region_ious",
     "tokenize_caption",
     "vqa_loss",
     "vqa_soft_accuracy",

@@ -11,9 +11,20 @@ kind     geometry (coordinates divided by W or H)                combination
 ``5d``   ViLBERT, Unicoder-VL: x1, y1, x2, y2, area fraction     ``LN(W_f f + W_g g)``       (sum, then LN)
 ``7d``   UNITER: x1, y1, x2, y2, w, h, w*h                       ``LN(LN(W_f f) + LN(W_g g))`` (LN each, sum)
 ``4d``   LXMERT: x1, y1, x2, y2                                  ``(LN(W_f f) + LN(W_g g)) / 2`` (average)
+``6d``   Oscar: x1, y1, x2, y2, w, h                             ``LN(W [f; g])`` = ``LN(W_f f + W_g g)``
 =======  =====================================================  =========================================
 
+Oscar appends its 6 numbers to the 2048-d feature and applies one ``Linear(2054 -> H)``
+(``img_embedding``, then LayerNorm with ``use_img_layernorm``): a linear map of a concatenation is
+the sum of a map of each part, so it is the ``5d`` combination with another geometry vector.
+
 UNITER adds a token-type embedding before its last LN; that belongs to the model, not here.
+
+Unified VLP (Zhou et al. 2020) does it differently (:class:`VLPRegionEmbedding`): the feature goes
+through an MLP and takes the place of the region slot's *word* embedding, and the box does not join
+the feature at all: it *replaces the slot's position embedding*, computed from a 6-d geometry
+(x1, y1, x2, y2, area, detector confidence: :func:`detection_geometry`) and the detector's whole
+class distribution, each LayerNorm-ed without parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from course_lib.features.roi_align import roi_align, validate_boxes
@@ -39,14 +51,16 @@ GEOMETRY = {
     "5d": GeometryPreset(5, "sum_then_norm", "ViLBERT, Unicoder-VL"),
     "7d": GeometryPreset(7, "norm_each_then_sum", "UNITER"),
     "4d": GeometryPreset(4, "average_of_norms", "LXMERT"),
+    "6d": GeometryPreset(6, "sum_then_norm", "Oscar"),
 }
 
 
 def box_geometry(boxes: torch.Tensor, image_size, kind: str = "5d") -> torch.Tensor:
-    """Pixel boxes ``(N, 4)`` ``(x1, y1, x2, y2)`` -> geometry vectors ``(N, G)``, ``G = 5, 7 or 4``.
+    """Pixel boxes ``(N, 4)`` ``(x1, y1, x2, y2)`` -> geometry vectors ``(N, G)``, ``G = 5, 7, 4 or 6``.
 
     image_size: ``H`` or ``(H, W)``. All coordinates are divided by the image width or height:
-    ``5d`` = (x1, y1, x2, y2, w*h), ``7d`` = (x1, y1, x2, y2, w, h, w*h), ``4d`` = (x1, y1, x2, y2).
+    ``5d`` = (x1, y1, x2, y2, w*h), ``7d`` = (x1, y1, x2, y2, w, h, w*h), ``4d`` = (x1, y1, x2, y2),
+    ``6d`` = (x1, y1, x2, y2, w, h).
     """
     check_one_of("kind", kind, GEOMETRY)
     H, W = (image_size, image_size) if isinstance(image_size, (int, float)) else image_size
@@ -55,7 +69,7 @@ def box_geometry(boxes: torch.Tensor, image_size, kind: str = "5d") -> torch.Ten
     corners = boxes / scale  # (N, 4) in [0, 1]
     w = corners[:, 2] - corners[:, 0]  # (N,)
     h = corners[:, 3] - corners[:, 1]  # (N,)
-    extra = {"4d": [], "5d": [w * h], "7d": [w, h, w * h]}[kind]
+    extra = {"4d": [], "5d": [w * h], "7d": [w, h, w * h], "6d": [w, h]}[kind]
     return torch.cat([corners, *[e[:, None] for e in extra]], dim=1)  # (N, G)
 
 
@@ -161,3 +175,54 @@ def pad_regions(counts: list[int], *flat: torch.Tensor):
         out[mask] = x  # mask is row-major, like the concatenated boxes
         padded.append(out)
     return padded[0], mask, *padded[1:]
+
+
+def detection_geometry(boxes: torch.Tensor, class_probs: torch.Tensor) -> torch.Tensor:
+    """Unified VLP's 6-d region geometry: boxes ``(..., 4)`` (x1, y1, x2, y2 in [0, 1]) and the
+    detector's class distribution ``(..., C + 1)`` (last column "no object") -> ``(..., 6)`` =
+    x1, y1, x2, y2, relative area, confidence (the probability of the top object class, the
+    detector's score for the box)."""
+    if boxes.shape[-1] != 4 or boxes.shape[:-1] != class_probs.shape[:-1]:
+        raise ValueError(f"boxes (..., 4) and class_probs (..., C + 1) must agree on the leading dims, got "
+                         f"{tuple(boxes.shape)} and {tuple(class_probs.shape)}")
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (...,)
+    confidence = class_probs[..., :-1].max(dim=-1).values  # (...,)
+    return torch.cat([boxes, area[..., None], confidence[..., None]], dim=-1)
+
+
+class VLPRegionEmbedding(nn.Module):
+    """Unified VLP's region tokens (``VLP/pytorch_pretrained_bert/modeling.py``, ``vis_embed`` and
+    ``vis_pe_embed``): ``forward(feats (B, R, F), boxes (B, R, 4), class_probs (B, R, C + 1))`` ->
+    ``(content (B, R, D), position (B, R, D))``.
+
+    - ``content = Dropout(ReLU(W2 ReLU(W1 f)))`` with ``W1: F -> F`` (the paper starts it from the
+      detector's own fc7 layer) and ``W2: F -> D``; it replaces the region slot's word embedding;
+    - ``position = Dropout(ReLU(W [LN(g); LN(p)]))`` over the 6-d :func:`detection_geometry` ``g`` and
+      the class distribution ``p``, both LayerNorm-ed without parameters (``F.layer_norm``, as the
+      paper's data loader does); it replaces the slot's position embedding.
+
+    The model adds the two and a segment embedding, then BERT's embedding LayerNorm.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, dim: int, dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("feature_dim", feature_dim), ("num_classes", num_classes), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.feature_dim, self.num_classes = feature_dim, num_classes
+        self.content = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, dim),
+                                     nn.ReLU(), nn.Dropout(dropout))
+        self.position = nn.Sequential(nn.Linear(6 + num_classes, dim), nn.ReLU(), nn.Dropout(dropout))
+
+    def position_input(self, boxes: torch.Tensor, class_probs: torch.Tensor) -> torch.Tensor:
+        """``(..., 6 + C + 1)``: the LayerNorm-ed geometry and class distribution, side by side."""
+        geometry = detection_geometry(boxes, class_probs)
+        return torch.cat([F.layer_norm(geometry, (6,)), F.layer_norm(class_probs, (self.num_classes,))], dim=-1)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor, class_probs: torch.Tensor):
+        if feats.shape[-1] != self.feature_dim:
+            raise ValueError(f"feats must have {self.feature_dim} features per region, got {tuple(feats.shape)}")
+        if class_probs.shape[-1] != self.num_classes:
+            raise ValueError(f"class_probs must have {self.num_classes} columns (classes + 'no object'), got "
+                             f"{tuple(class_probs.shape)}")
+        return self.content(feats), self.position(self.position_input(boxes, class_probs))

@@ -252,6 +252,33 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+# --------------------------------------------------------------------------- sentence pairs
+
+
+def pack_pair(ids_a: torch.Tensor, mask_a: torch.Tensor, ids_b: torch.Tensor,
+              mask_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BERT's sentence pair from two padded batches: ``[CLS] A [SEP]`` ``(B, La)`` and ``B [SEP]``
+    ``(B, Lb)`` (each with its 0/1 mask) -> ``(ids, mask, token_type_ids)``, each ``(B, La + Lb)``.
+
+    Each row's second sentence starts right after the first one's last real token, and the padding
+    of both goes to the end, as a tokenizer lays out a pair (``[CLS] A [SEP] B [SEP] [PAD]...``):
+    positions count on without a gap. ``token_type_ids`` is BERT's segment: 0 for A (with its
+    ``[CLS]`` and ``[SEP]``), 1 for B, 0 at padding.
+    """
+    check_shape("ids_a", ids_a, (None, None))
+    check_shape("mask_a", mask_a, tuple(ids_a.shape))
+    check_shape("ids_b", ids_b, (ids_a.shape[0], None))
+    check_shape("mask_b", mask_b, tuple(ids_b.shape))
+    ids = torch.cat([ids_a, ids_b], dim=1)  # (B, La + Lb)
+    mask = torch.cat([mask_a, mask_b], dim=1).bool()
+    types = torch.cat([torch.zeros_like(ids_a), torch.ones_like(ids_b)], dim=1)
+    order = torch.argsort((~mask).int(), dim=1, stable=True)  # real tokens first, each sentence in order
+    mask = mask.gather(1, order)
+    ids = ids.gather(1, order).masked_fill(~mask, PAD_ID)
+    types = types.gather(1, order).masked_fill(~mask, 0)
+    return ids, mask.long(), types
+
+
 # --------------------------------------------------------------------------- masking
 
 

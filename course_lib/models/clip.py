@@ -123,7 +123,9 @@ class TextTower(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (B, L, D)
         x, maps = run_encoder(self.encoder, x, attention_mask.bool(), return_attention, self.grad_checkpointing)
         last = attention_mask.sum(1).long() - 1  # index of [SEP], CLIP's end-of-text token
-        pooled = x[torch.arange(len(x)), last]  # (B, D)
+        # The row index is made on x's device: a CPU index tensor would be copied to the GPU with a
+        # blocking copy, a host-device synchronisation inside every training step.
+        pooled = x[torch.arange(len(x), device=x.device), last]  # (B, D)
         return x, self.proj(pooled), maps
 
 

@@ -24,6 +24,7 @@ so an ablation is one override: ``build_model("vl_bert", itm_weight=1.0)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ REGION_SIZES = {
 }
 SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_labels", "region_probs", "image_feat",
-               "images")
+               "images", "tag_ids", "tag_mask")  # an image's object tags (Oscar) go with it
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,19 @@ class RegionBertConfig:
     itm_weight: float = 1.0
     mrc_weight: float = 0.0
     mrc_target: str = "hard"  # "hard": the detector's top class; "soft": its whole distribution
+    OBJECTIVES: ClassVar[tuple[str, ...]] = ("mlm", "itm", "mrc")  # each has a <name>_weight field
 
     def __post_init__(self):
         check_one_of("mrc_target", self.mrc_target, ("hard", "soft"))
         for name in ("mask_prob", "region_mask_prob", "itm_prob"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        for name in ("mlm_weight", "itm_weight", "mrc_weight"):
+        weights = [f"{name}_weight" for name in self.OBJECTIVES]
+        for name in weights:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.mlm_weight == self.itm_weight == self.mrc_weight == 0:
-            raise ValueError("mlm_weight, itm_weight and mrc_weight are all 0: nothing would be learned")
+        if all(getattr(self, name) == 0 for name in weights):
+            raise ValueError(f"{', '.join(weights[:-1])} and {weights[-1]} are all 0: nothing would be learned")
         for name in ("vocab_size", "context_length", "dim", "layers", "heads", "region_feat_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -165,20 +168,27 @@ def swap_images(batch: dict, swapped: torch.Tensor, generator: torch.Generator |
 
 
 def mask_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_rows: torch.Tensor, vocab_size: int,
-                 prob: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 prob: float, generator: torch.Generator | None = None,
+                 every_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of every caption, scored on rows ``keep_rows``: ``(B, L)`` -> ``(masked ids, labels)``.
 
     Every row is corrupted, matched or not: masking only the matched captions would tell the ITM
     head which pairs match (no ``[MASK]`` = a mismatched pair). Labels are -100 outside
     ``keep_rows``; at least one word is scored (the first word of the first kept row when the draw
-    chose none), so the MLM loss is always defined.
+    chose none), so the MLM loss is always defined. ``every_row=True`` is UNITER's rule instead: every
+    kept row where the draw chose no word gets one word, drawn uniformly, replaced by ``[MASK]``.
     """
     masked, labels = mask_tokens(input_ids, vocab_size, MASK_ID, SPECIAL_IDS, prob, generator=generator)
     labels = labels.masked_fill(~keep_rows[:, None], IGNORE_INDEX)
+    words = (attention_mask > 0) & ~torch.isin(input_ids, input_ids.new_tensor(SPECIAL_IDS))  # (B, L)
+    if every_row:
+        empty = keep_rows & ~(labels != IGNORE_INDEX).any(1)  # (B,)
+        scores = torch.rand(input_ids.shape, generator=generator, device=input_ids.device).masked_fill(~words, -1.0)
+        rows, cols = empty.nonzero().flatten(), scores.argmax(1)[empty]
+        labels[rows, cols], masked[rows, cols] = input_ids[rows, cols], MASK_ID
     if not (labels != IGNORE_INDEX).any():
         row = int(keep_rows.nonzero()[0])
-        col = int(((attention_mask[row] > 0) & ~torch.isin(input_ids[row], input_ids.new_tensor(SPECIAL_IDS)))
-                  .nonzero()[0])
+        col = int(words[row].nonzero()[0])
         labels[row, col], masked[row, col] = input_ids[row, col], MASK_ID
     return masked, labels
 

@@ -14,8 +14,10 @@ from torch import nn
 
 from course_lib.models.b2t2 import B2T2, B2T2Config
 from course_lib.models.clip import CLIP, CLIPConfig
+from course_lib.models.oscar import Oscar, OscarConfig
 from course_lib.models.unicoder_vl import UnicoderVL, UnicoderVLConfig
 from course_lib.models.unified_vlp import UnifiedVLP, UnifiedVLPConfig
+from course_lib.models.uniter import Uniter, UniterConfig
 from course_lib.models.visualbert import VisualBert, VisualBertConfig
 from course_lib.models.vl_bert import VLBert, VLBertConfig
 
@@ -32,6 +34,8 @@ MODELS: dict[str, ModelEntry] = {
     "unicoder_vl": ModelEntry(UnicoderVLConfig, UnicoderVL),
     "vl_bert": ModelEntry(VLBertConfig, VLBert),
     "unified_vlp": ModelEntry(UnifiedVLPConfig, UnifiedVLP),
+    "uniter": ModelEntry(UniterConfig, Uniter),
+    "oscar": ModelEntry(OscarConfig, Oscar),
 }
 
 

@@ -19,8 +19,8 @@ The figure of the paper, in code:
   one BERT's MLM. ``forward(batch)`` returns ``{"loss", "mlm_s2s", "mlm_bi"}``: the mean over every
   masked token of the batch (the paper's loss) and the same mean over each mask's samples;
 - **captioning** (``generate``): append ``[MASK]``, predict it under the seq2seq mask, write the
-  prediction in its place, repeat (greedy) until ``[SEP]`` or ``max_len``. Without a key/value
-  cache: each step reruns the sequence, which under the seq2seq mask gives exactly the outputs the
+  prediction in its place, repeat (greedy over the words and ``[SEP]``) until ``[SEP]`` or ``max_len``.
+  Without a key/value cache: each step reruns the sequence, which under the seq2seq mask gives exactly the outputs the
   paper's incremental decoder (``BertModelIncr``) computes from cached states;
 - **VQA from the same weights**: the bidirectional mask, and the elementwise product of the final
   ``[CLS]`` and of the ``[SEP]`` after the regions (``encode(batch).pooled``) into
@@ -45,13 +45,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from course_lib.features.region import VLPRegionEmbedding
-from course_lib.features.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from course_lib.features.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 from course_lib.fusion.attention_masks import unified_mask
 from course_lib.fusion.base import FusionOutput
 from course_lib.models.region_bert import REGION_SIZES, check_region_batch
 from course_lib.nn import TransformerEncoder, init_weights
 from course_lib.objectives.mlm import IGNORE_INDEX, MLMHead, mask_target_tokens, masked_lm_loss
 from course_lib.presets import apply_overrides, get_preset
+from course_lib.utils import check_shape
 
 # Region slots per preset: ShapeWorld's detections at the CPU presets, the paper's 100 boxes at the GPU ones.
 MAX_REGIONS = {"cpu-tiny": 6, "cpu-small": 6, "gpu-small": 100, "gpu-base": 100}
@@ -152,6 +153,36 @@ class UnifiedVLP(nn.Module):
 
     # ------------------------------------------------------------------ the input sequence
 
+    def check_batch(self, batch: dict, words: bool = True) -> None:
+        """A clear ``ValueError`` naming the key unless ``batch`` is a region batch this model reads
+        (``region_bert.check_region_batch``) whose captions start with ``[CLS]``. ``words=False`` allows
+        a caption without a word (``[CLS] [MASK]``, where decoding starts)."""
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict of tensors (a region batch), got {type(batch).__name__}")
+        if words:
+            check_region_batch(batch, self.config)
+        else:
+            self.check_images(batch)
+            ids = batch.get("input_ids")
+            check_shape("input_ids", ids, (batch["region_feats"].shape[0], None))
+            check_shape("attention_mask", batch.get("attention_mask"), tuple(ids.shape))
+            if ids.shape[1] > self.config.context_length:
+                raise ValueError(f"input_ids has {ids.shape[1]} tokens; the model's context_length is "
+                                 f"{self.config.context_length}")
+        ids = batch["input_ids"]
+        if ids.device.type == "cpu" and not (ids[:, 0] == CLS_ID).all():
+            raise ValueError(f"input_ids must start with [CLS] (id {CLS_ID}) in every row: "
+                             "[CLS] caption [SEP] [PAD]...")
+
+    def check_images(self, batch: dict) -> None:
+        """The region keys of ``batch`` checked as ``check_region_batch`` does (a caption is not needed)."""
+        if not isinstance(batch, dict) or "region_feats" not in batch:
+            raise ValueError("batch must be a region batch (region_feats, region_boxes, region_mask, ...)")
+        feats = batch["region_feats"]
+        check_shape("region_feats", feats, (None, None, self.config.region_feat_dim))
+        probe = torch.tensor([[CLS_ID, MASK_ID + 1, SEP_ID]], device=feats.device).expand(feats.shape[0], -1)
+        check_region_batch({**batch, "input_ids": probe, "attention_mask": torch.ones_like(probe)}, self.config)
+
     def modes(self, mode, batch_size: int, device) -> torch.Tensor:
         """``mode``: ``"bi"``, ``"s2s"`` or a ``(B,)`` bool tensor (True: seq2seq) -> ``(B,)`` bool."""
         if isinstance(mode, torch.Tensor):
@@ -238,21 +269,20 @@ class UnifiedVLP(nn.Module):
 
     def encode(self, batch: dict, input_ids: torch.Tensor | None = None, mode="bi",
                return_attention: bool = False) -> FusionOutput:
-        """The fused sequence under ``mode`` (``"bi"``, ``"s2s"`` or a ``(B,)`` bool tensor, True: seq2seq):
+        """The fused sequence under ``mode`` (``"bi"``, ``"s2s"`` or a ``(B,)`` bool tensor, True: seq2seq),
+        for ``input_ids`` (default: the batch's; a caption may be only ``[CLS] [MASK]``, a decoding step):
         ``text (B, L, D)`` aligned with ``input_ids`` (``[CLS]`` first), ``image (B, R, D)``, ``pooled (B, D)``
         = final ``[CLS]`` * final ``[SEP]`` after the regions (the VQA input), ``attentions``,
         ``extras["hidden"] (B, N, D)`` (the whole sequence) and ``extras["attn_mask"] (B, N, N)``."""
         ids = batch.get("input_ids") if input_ids is None else input_ids
-        check_region_batch({**batch, "input_ids": ids}, self.config)
-        if ids.device.type == "cpu" and not (ids[:, 0] == CLS_ID).all():
-            raise ValueError("input_ids must start with [CLS] (id 2) in every row: [CLS] caption [SEP] [PAD]...")
+        self.check_batch({**batch, "input_ids": ids}, words=False)
         return self._encode(batch, ids, self.modes(mode, ids.shape[0], ids.device), return_attention)
 
     # ------------------------------------------------------------------ pretraining
 
     def forward(self, batch: dict) -> dict:
         c = self.config
-        check_region_batch(batch, c)
+        self.check_batch(batch)
         ids = batch["input_ids"]
         s2s = self.sample_modes(ids.shape[0], ids.device)
         masked, labels = mask_target_tokens(ids, batch["attention_mask"], c.vocab_size, c.mask_prob, c.max_pred)
@@ -271,35 +301,40 @@ class UnifiedVLP(nn.Module):
     # ------------------------------------------------------------------ captioning
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_len: int | None = None) -> torch.Tensor:
+    def generate(self, batch: dict, max_len: int | None = None, min_len: int = 1) -> torch.Tensor:
         """Greedy captions of the images of ``batch`` (its region keys; a caption is not needed):
         ``(B, T)`` token ids, each row ``w_1 ... [SEP] [PAD]...`` (``T <= max_len``, default
         ``config.max_decode_len`` or ``context_length - 1`` if less; a row that reaches ``max_len`` has
         no ``[SEP]``).
 
         Step ``t`` appends ``[MASK]`` after ``[CLS] w_1 ... w_{t-1}``, reads its prediction under the
-        seq2seq mask and writes it in place of the ``[MASK]``; a row stops at ``[SEP]``.
+        seq2seq mask and writes it in place of the ``[MASK]``; a row stops at ``[SEP]``. Only words and
+        ``[SEP]`` are written (``[PAD] [UNK] [CLS] [MASK]`` never), and ``[SEP]`` not before ``min_len``
+        words (the paper's decoder has the same ``min_len`` switch), so no caption is empty.
         """
         c = self.config
         max_len = min(c.max_decode_len, c.context_length - 1) if max_len is None else max_len
         if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= c.context_length - 1:
             raise ValueError(f"max_len must be an int in [1, context_length - 1 = {c.context_length - 1}], got "
                              f"{max_len!r}")
-        if not isinstance(batch, dict) or "region_feats" not in batch:
-            raise ValueError("batch must be a region batch (region_feats, region_boxes, region_mask, ...)")
+        if isinstance(min_len, bool) or not isinstance(min_len, int) or not 0 <= min_len <= max_len:
+            raise ValueError(f"min_len must be an int in [0, max_len = {max_len}], got {min_len!r}")
+        self.check_images(batch)
         B, device = batch["region_feats"].shape[0], batch["region_feats"].device
-        probe = torch.tensor([[CLS_ID, MASK_ID + 1, SEP_ID]], device=device).expand(B, -1)  # any one-word caption
-        check_region_batch({**batch, "input_ids": probe, "attention_mask": torch.ones_like(probe)}, c)
         was_training = self.training
         self.eval()
         ids = torch.full((B, 1), CLS_ID, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         s2s = torch.ones(B, dtype=torch.bool, device=device)
-        for _ in range(max_len):
+        never = torch.tensor([PAD_ID, UNK_ID, CLS_ID, MASK_ID], device=device)
+        for t in range(max_len):
             step = torch.cat([ids, torch.full((B, 1), MASK_ID, dtype=torch.long, device=device)], dim=1)
             out = self._encode({**batch, "attention_mask": (step != PAD_ID).long()}, step, s2s)
-            word = self.mlm_head(out.text[:, -1]).argmax(-1)  # (B,) the prediction at [MASK]
-            word = word.masked_fill(done, PAD_ID)
+            logits = self.mlm_head(out.text[:, -1])  # (B, V) the prediction at [MASK]
+            logits[:, never] = float("-inf")
+            if t < min_len:
+                logits[:, SEP_ID] = float("-inf")
+            word = logits.argmax(-1).masked_fill(done, PAD_ID)  # (B,)
             ids = torch.cat([ids, word[:, None]], dim=1)
             done |= word == SEP_ID
             if done.all():
@@ -307,9 +342,9 @@ class UnifiedVLP(nn.Module):
         self.train(was_training)
         return ids[:, 1:]
 
-    def generate_captions(self, batch: dict, tokenizer, max_len: int | None = None) -> list[str]:
+    def generate_captions(self, batch: dict, tokenizer, max_len: int | None = None, min_len: int = 1) -> list[str]:
         """``generate`` decoded to text: the tokens before the first ``[SEP]``, special tokens dropped."""
-        return decode_captions(self.generate(batch, max_len), tokenizer)
+        return decode_captions(self.generate(batch, max_len, min_len), tokenizer)
 
 
 def decode_captions(ids: torch.Tensor, tokenizer) -> list[str]:

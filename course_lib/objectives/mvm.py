@@ -6,12 +6,16 @@ the encoder sees the caption and the other regions, and a head reconstructs what
 - MRC, classification with hard labels: cross-entropy on the detector's top class;
 - MRC-kl, classification with soft labels: KL from the detector's class distribution.
 Detector distributions here have C + 1 columns, the last one being "no object".
+
+:class:`RegressionHead` is UNITER's MRFR head: its output projection is the model's input projection
+of region features, transposed (``model/pretrain.py``, ``RegressionHead``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from course_lib.utils import check_shape
 
@@ -106,3 +110,31 @@ def region_class_loss_kl(logits: torch.Tensor, detector_probs: torch.Tensor,
     masked = _masked_positions(masked_positions, logits.shape[:2])
     log_q = F.log_softmax(logits[masked], dim=-1)
     return F.kl_div(log_q, detector_probs[masked], reduction="batchmean")
+
+
+class RegressionHead(nn.Module):
+    """UNITER's MRFR head: ``Linear(D, D) -> GELU -> LayerNorm -> W^T h + b``, ``(..., D) -> (..., F)``.
+
+    ``tie_to``: the model's input projection of region features, an ``nn.Linear(F, D)``; the head's
+    output uses its weight ``W (D, F)`` transposed (UNITER ties them: ``F.linear(h, img_linear.weight.t(),
+    bias)``), with a bias of its own. ``tie_to=None`` gives an untied ``(D, F)`` weight.
+    """
+
+    def __init__(self, dim: int, feature_dim: int, tie_to: nn.Linear | None = None, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        for name, value in (("dim", dim), ("feature_dim", feature_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=layer_norm_eps))
+        if tie_to is not None:
+            if not isinstance(tie_to, nn.Linear) or tuple(tie_to.weight.shape) != (dim, feature_dim):
+                shape = tuple(tie_to.weight.shape) if isinstance(tie_to, nn.Linear) else None
+                raise ValueError(f"tie_to must be the input projection nn.Linear({feature_dim}, {dim}) (weight "
+                                 f"({dim}, {feature_dim})), got {type(tie_to).__name__} with weight {shape}")
+            self.weight = tie_to.weight  # (D, F): the same Parameter as the model's input projection
+        else:
+            self.weight = nn.Parameter(torch.empty(dim, feature_dim).normal_(0.0, 0.02))
+        self.bias = nn.Parameter(torch.zeros(feature_dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), self.weight.t(), self.bias)  # (..., F)
