@@ -14,6 +14,7 @@ from course_lib.features.tags import ObjectTags, read_class_names
 from course_lib.features.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, pack_pair
 from course_lib.models.registry import build_model
 from course_lib.objectives.polluted import pollute
+from pretrain_helpers import assert_flops_near_6nt, gpu_region_batch, killed_and_resumed
 
 TAGS = 12
 
@@ -290,30 +291,8 @@ def test_bad_configs_name_the_option(batch):
 # ----------------------------------------------------------------------------- at scale
 
 
-class Killed(Exception):
-    pass
-
-
 def test_pretrain_command_resumes_oscar_exactly(tmp_path):
-    from course_lib.pretrain import parse_args, pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    args = ["--model=oscar", "--steps=4", "--checkpoint_every=2", "--global_batch=8", "--num_workers=0",
-            "--log_every=1", f"--tokenizer={tmp_path / 'tokenizer'}"]
-    try:
-        straight = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'straight'}"]))
-
-        def kill_after_step_2(step, history):
-            if step == 2:
-                raise Killed
-
-        with pytest.raises(Killed):
-            pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}"]), callback=kill_after_step_2)
-        resumed = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=True"]))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(straight.history.losses)))
+    straight, resumed = killed_and_resumed("oscar", tmp_path)
     assert resumed.history.losses == straight.history.losses  # masking and pollution draws resume too
     assert {"mlm", "contrastive"} <= set(straight.history.records[-1])
 
@@ -327,23 +306,11 @@ def test_pretrain_on_region_shards_needs_tag_names():
 
 
 def test_gpu_base_reports_parameters_and_flops():
-    from course_lib.flops import model_flops_per_sample
-
     model = build_model("oscar", "gpu-base")
     c = model.config
     assert c.dim == 768 and c.layers == 12 and c.region_feat_dim == 2048 and c.max_tag_tokens == 32
     assert 100e6 < sum(p.numel() for p in model.parameters()) < 130e6  # BERT-base + the region embedding
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(5, c.vocab_size, (2, c.context_length), generator=g),
-             "attention_mask": torch.ones(2, c.context_length, dtype=torch.long),
-             "tag_ids": torch.randint(5, c.vocab_size, (2, c.max_tag_tokens), generator=g),
-             "tag_mask": torch.ones(2, c.max_tag_tokens, dtype=torch.long),
-             "region_feats": torch.randn(2, 36, c.region_feat_dim, generator=g),
-             "region_boxes": torch.tensor([0.1, 0.1, 0.5, 0.5]).expand(2, 36, 4).clone(),
-             "region_mask": torch.ones(2, 36, dtype=torch.bool),
-             "region_labels": torch.randint(0, c.num_region_classes - 1, (2, 36), generator=g)}
-    with torch.no_grad():
-        flops = model_flops_per_sample(model, batch)
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    tokens = c.context_length + c.max_tag_tokens + 36
-    assert 0.8 * 6 * layers * tokens < flops < 3 * 6 * layers * tokens  # 6 N T plus attention and the heads
+    batch = gpu_region_batch(c)
+    batch["tag_ids"] = torch.randint(5, c.vocab_size, (2, c.max_tag_tokens), generator=torch.Generator().manual_seed(1))
+    batch["tag_mask"] = torch.ones(2, c.max_tag_tokens, dtype=torch.long)
+    assert_flops_near_6nt(model, batch, c.context_length + c.max_tag_tokens + 36)

@@ -10,6 +10,7 @@ from course_lib.data import ShapeWorld, WorldConfig
 from course_lib.data.datasets import build_tokenizer
 from course_lib.data.regions import ShapeWorldRegions, blank_boxes, shape_word_spans, whole_image_features
 from course_lib.models.registry import build_model
+from pretrain_helpers import assert_flops_near_6nt, gpu_region_batch, killed_and_resumed
 
 SYSTEMS = ("visualbert", "b2t2", "unicoder_vl", "vl_bert")
 EXPECTED = {"visualbert": {"mlm", "itm"}, "b2t2": {"mlm", "itm"}, "unicoder_vl": {"mlm", "itm", "mrc"},
@@ -204,49 +205,14 @@ def test_unicoder_vl_zeroes_masked_region_features(batch):
 # ----------------------------------------------------------------------------- at scale
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_pretrain_command_resumes_region_models_exactly(name, tmp_path):
-    from course_lib.pretrain import parse_args, pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    args = [f"--model={name}", "--steps=4", "--checkpoint_every=2", "--global_batch=8", "--num_workers=0",
-            "--log_every=1", f"--tokenizer={tmp_path / 'tokenizer'}"]
-    try:
-        straight = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'straight'}"]))
-
-        def kill_after_step_2(step, history):
-            if step == 2:
-                raise Killed
-
-        with pytest.raises(Killed):
-            pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}"]), callback=kill_after_step_2)
-        resumed = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=True"]))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(straight.history.losses)))
+    straight, resumed = killed_and_resumed(name, tmp_path)
     assert resumed.history.losses == straight.history.losses  # masking and ITM draws resume too
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_gpu_base_reports_parameters_and_flops(name):
-    from course_lib.flops import model_flops_per_sample
-
     model = build_model(name, "gpu-base")
     c = model.config
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(5, c.vocab_size, (2, c.context_length), generator=g),
-             "attention_mask": torch.ones(2, c.context_length, dtype=torch.long),
-             "region_feats": torch.randn(2, 36, c.region_feat_dim, generator=g),
-             "region_boxes": torch.tensor([0.1, 0.1, 0.5, 0.5]).expand(2, 36, 4).clone(),
-             "region_mask": torch.ones(2, 36, dtype=torch.bool),
-             "region_labels": torch.randint(0, c.num_region_classes - 1, (2, 36), generator=g)}
-    with torch.no_grad():
-        flops = model_flops_per_sample(model, batch)
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    tokens = c.context_length + (0 if name == "b2t2" else 36)
-    assert 0.8 * 6 * layers * tokens < flops < 3 * 6 * layers * tokens  # 6 N T plus attention and the heads
+    assert_flops_near_6nt(model, gpu_region_batch(c), c.context_length + (0 if name == "b2t2" else 36))

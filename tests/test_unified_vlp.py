@@ -24,6 +24,7 @@ from course_lib.models.registry import build_model
 from course_lib.models.unified_vlp import UnifiedVLP, UnifiedVLPConfig, decode_captions
 from course_lib.nn import MultiHeadAttention
 from course_lib.objectives.mlm import IGNORE_INDEX, mask_target_tokens
+from pretrain_helpers import assert_flops_near_6nt, gpu_region_batch, killed_and_resumed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -397,43 +398,12 @@ def test_attention_mask_argument_of_the_shared_blocks():
 
 
 def test_gpu_base_reports_parameters_and_flops():
-    from course_lib.flops import model_flops_per_sample
-
     model = build_model("unified_vlp", "gpu-base", max_regions=36)  # the bottom-up-attention shards' 36 boxes
     c = model.config
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, c.vocab_size, (2, c.context_length), generator=g)
-    ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
-    batch = {"input_ids": ids, "attention_mask": torch.ones(2, c.context_length, dtype=torch.long),
-             "region_feats": torch.randn(2, 36, c.region_feat_dim, generator=g),
-             "region_boxes": torch.tensor([0.1, 0.1, 0.5, 0.5]).expand(2, 36, 4).clone(),
-             "region_mask": torch.ones(2, 36, dtype=torch.bool),
-             "region_labels": torch.randint(0, c.num_region_classes - 1, (2, 36), generator=g)}
-    with torch.no_grad():
-        flops = model_flops_per_sample(model, batch)
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    tokens = c.context_length + 36 + 1
-    assert 0.8 * 6 * layers * tokens < flops < 3 * 6 * layers * tokens  # 6 N T plus attention and the heads
-
-
-class Killed(Exception):
-    pass
+    assert_flops_near_6nt(model, gpu_region_batch(c), c.context_length + 36 + 1)
 
 
 def test_pretrain_resumes_exactly(tmp_path):
-    from course_lib.pretrain import parse_args, pretrain
-
-    args = ["--model=unified_vlp", "--steps=4", "--checkpoint_every=2", "--global_batch=8", "--num_workers=0",
-            "--log_every=1", f"--tokenizer={tmp_path / 'tokenizer'}"]
-    straight = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'straight'}"]))
-
-    def kill_after_step_2(step, history):
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}"]), callback=kill_after_step_2)
-    resumed = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=True"]))
-    assert all(torch.isfinite(torch.tensor(straight.history.losses)))
+    straight, resumed = killed_and_resumed("unified_vlp", tmp_path)
     assert resumed.history.losses == straight.history.losses  # the mask and masking draws resume too
     assert resumed.history.values("mlm_s2s") == straight.history.values("mlm_s2s")

@@ -13,11 +13,11 @@ import torch
 from course_lib.data import ShapeWorld, WorldConfig
 from course_lib.data.datasets import build_tokenizer
 from course_lib.data.regions import ShapeWorldRegions
-from course_lib.features.text import MASK_ID
 from course_lib.models.registry import build_model
 from course_lib.models.uniter import TASKS, UniterConfig
 from course_lib.objectives.mlm import IGNORE_INDEX
 from course_lib.objectives.wra import ot_distance, wra_loss
+from pretrain_helpers import assert_flops_near_6nt, gpu_region_batch, killed_and_resumed
 
 ALL_ON = dict(sample_tasks=False, mrc_weight=1.0)  # every objective on every batch
 
@@ -199,30 +199,8 @@ def test_bad_input_names_the_problem(batch):
 # ----------------------------------------------------------------------------- at scale
 
 
-class Killed(Exception):
-    pass
-
-
 def test_pretrain_command_resumes_exactly(tmp_path):
-    from course_lib.pretrain import parse_args, pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    args = ["--model=uniter", "--steps=4", "--checkpoint_every=2", "--global_batch=8", "--num_workers=0",
-            "--log_every=1", f"--tokenizer={tmp_path / 'tokenizer'}"]
-    try:
-        straight = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'straight'}"]))
-
-        def kill_after_step_2(step, history):
-            if step == 2:
-                raise Killed
-
-        with pytest.raises(Killed):
-            pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}"]), callback=kill_after_step_2)
-        resumed = pretrain(parse_args(args + [f"--out_dir={tmp_path / 'killed'}", "--resume=True"]))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.isfinite(torch.tensor(straight.history.losses)))
+    straight, resumed = killed_and_resumed("uniter", tmp_path)
     assert resumed.history.losses == straight.history.losses  # task draws, masking and ITM draws resume too
     assert resumed.history.records == straight.history.records  # the same task at every step
 
@@ -244,29 +222,14 @@ def test_pretrain_command_accumulates_micro_batches_of_different_tasks(tmp_path)
 
 
 def test_gpu_base_builds_and_reports_flops():
-    from course_lib.flops import model_flops_per_sample
-
     model = build_model("uniter", "gpu-base")
     c = model.config
     assert c.dim == 768 and c.layers == 12 and c.region_feat_dim == 2048 and c.num_region_classes == 1601
     assert 100e6 < sum(p.numel() for p in model.parameters()) < 135e6  # BERT-base + region embedding and heads
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(2, 36, c.num_region_classes, generator=g), -1)
-    batch = {"input_ids": torch.randint(5, c.vocab_size, (2, c.context_length), generator=g),
-             "attention_mask": torch.ones(2, c.context_length, dtype=torch.long),
-             "region_feats": torch.randn(2, 36, c.region_feat_dim, generator=g),
-             "region_boxes": torch.tensor([0.1, 0.1, 0.5, 0.5]).expand(2, 36, 4).clone(),
-             "region_mask": torch.ones(2, 36, dtype=torch.bool), "region_probs": probs,
-             "region_labels": probs[..., :-1].argmax(-1)}
-    with torch.no_grad():
-        flops = model_flops_per_sample(model, batch)
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    tokens = c.context_length + 36
-    assert 0.8 * 6 * layers * tokens < flops < 3 * 6 * layers * tokens  # 6 N T plus attention and the heads
-
-
-# ----------------------------------------------------------------------------- the ablation benchmark
-
+    batch = gpu_region_batch(c)
+    batch["region_probs"] = torch.softmax(torch.randn(2, 36, c.num_region_classes), -1)
+    batch["region_labels"] = batch["region_probs"][..., :-1].argmax(-1)
+    assert_flops_near_6nt(model, batch, c.context_length + 36)
 
 def test_ablation_benchmark_runs_at_a_small_size(tmp_path, capsys):
     import importlib.util
