@@ -627,9 +627,9 @@ display(Markdown(
     f"{peek['leaky (no blanking)'][1]:.2f}: " +
     ("the leaky model still finds the hidden object in the whole-image token: it learned to peek, and its "
      "region objective teaches it correspondingly less about the caption." if peeks else
-     "in this budget the leaky model did **not** learn to peek (the whole-image token enters through a "
-     "LayerNorm whose gain starts at 0, and the caption is the easier source), so the fix made no measurable "
-     "difference here; the probe shows the information it closes off.")))
+     "in this budget the leaky model did **not** learn to peek, so the fix made no measurable difference "
+     "here; the probe shows the information it closes off. (One difference that may matter: the whole-image "
+     "token enters through a LayerNorm whose gain starts at 0; we did not test why the model ignores it.)")))
 
 # %% [markdown]
 # **VL-BERT's finding: no ITM.** The paper tried adding "sentence-image relationship prediction" (ITM)
@@ -739,6 +739,9 @@ for name in SYSTEMS:
 # `transformers` alone; its masked-word and matching logits must be those of the course model.
 
 # %%
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # no progress bars for a model of 59k parameters
 exported = to_transformers(models["visualbert"])
 with tempfile.TemporaryDirectory() as directory:
     exported.save_pretrained(directory)
