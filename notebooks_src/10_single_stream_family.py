@@ -38,7 +38,7 @@ RUN = {
     "smoke": dict(dim=64, heads=4, layers=1, mlp_ratio=2.0, steps=12, claim_steps=8, finetune_steps=6,
                   batch_size=16, claim_batch_size=16, lr=2e-3, train_scenes=200, val_scenes=60, qa_scenes=100,
                   retrieval_pairs=20, seeds=(0, 1, 2)),
-    "cpu": dict(dim=64, heads=4, layers=1, mlp_ratio=2.0, steps=250, claim_steps=150, finetune_steps=60,
+    "cpu": dict(dim=64, heads=4, layers=1, mlp_ratio=2.0, steps=250, claim_steps=120, finetune_steps=60,
                 batch_size=64, claim_batch_size=32, lr=2e-3, train_scenes=3000, val_scenes=300, qa_scenes=1000,
                 retrieval_pairs=50, seeds=(0, 1, 2)),
     "gpu": dict(dim=256, heads=8, layers=4, mlp_ratio=4.0, steps=3000, claim_steps=1500, finetune_steps=1000,
