@@ -122,6 +122,14 @@ def _spans_in_order(caption: str, phrases, objects, offset: int) -> list[tuple[i
     return spans
 
 
+def drop_missing_refs(token_box: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    """``token_box (B, L)`` with every reference to a region the image lacks (``region_mask (B, R)``
+    False there) set to -1: a caption paired with another image keeps the references that image can
+    serve (B2T2's ITM negatives, retrieval over all pairs)."""
+    valid = region_mask.bool().gather(1, token_box.clamp(min=0)) & (token_box >= 0)
+    return token_box.masked_fill(~valid, -1)
+
+
 class ShapeWorldRegions:
     """``indices -> region batch`` (see the module docstring) for scenes of ``world``'s ``split``.
 

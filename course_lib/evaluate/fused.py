@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.data.regions import drop_missing_refs
 from course_lib.evaluate.boxes import _check_boxes, _iou, grounding_accuracy
 from course_lib.evaluate.retrieval import recall_at_k
 from course_lib.evaluate.vqa import VQAHead, vqa_loss, vqa_soft_accuracy, vqa_soft_targets
@@ -38,9 +39,7 @@ def pair_batch(batch: dict, image_rows: torch.Tensor, text_rows: torch.Tensor) -
     pairs = {k: (v[text_rows] if k in TEXT_KEYS else v[image_rows]) for k, v in batch.items()
              if torch.is_tensor(v)}
     if "token_box" in pairs:
-        refs = pairs["token_box"]
-        valid = pairs["region_mask"].bool().gather(1, refs.clamp(min=0)) & (refs >= 0)
-        pairs["token_box"] = refs.masked_fill(~valid, -1)
+        pairs["token_box"] = drop_missing_refs(pairs["token_box"], pairs["region_mask"])
     return pairs
 
 

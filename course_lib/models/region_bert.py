@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.data.regions import drop_missing_refs
 from course_lib.features.text import MASK_ID, PAD_ID, SEP_ID, CLS_ID, UNK_ID, mask_tokens
 from course_lib.fusion.base import FusionOutput
 from course_lib.fusion.single_stream import SingleStreamFusion
@@ -161,9 +162,7 @@ def swap_images(batch: dict, swapped: torch.Tensor, generator: torch.Generator |
         if key in batch:
             out[key] = batch[key][source]
     if "token_box" in batch:
-        refs = batch["token_box"]
-        valid = out["region_mask"].bool().gather(1, refs.clamp(min=0)) & (refs >= 0)
-        out["token_box"] = refs.masked_fill(~valid, -1)
+        out["token_box"] = drop_missing_refs(batch["token_box"], out["region_mask"])
     return out
 
 
