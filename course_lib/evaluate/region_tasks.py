@@ -90,13 +90,12 @@ def itm_finetune_loss(model: nn.Module, batch: dict, itm_prob: float = 0.5) -> d
     """ITM alone, for retrieval fine-tuning: a share ``itm_prob`` of the pairs get the regions of another
     image of the batch (at least one pair of each kind), nothing is masked, 2-way cross-entropy on the
     model's ITM head. Works for any model with ``itm_logits(batch)``."""
-    from course_lib.models.region_bert import swap_images
+    from course_lib.models.region_bert import draw_mismatched, swap_images
 
     B = batch["input_ids"].shape[0]
     if B < 2:
         raise ValueError("ITM fine-tuning needs a batch of at least 2 pairs")
-    swapped = torch.rand(B, device=batch["input_ids"].device) < itm_prob
-    swapped[0], swapped[-1] = False, True
+    swapped = draw_mismatched(B, itm_prob, batch["input_ids"].device)
     return {"loss": itm_loss(model.itm_logits(swap_images(batch, swapped)), (~swapped).long())}
 
 

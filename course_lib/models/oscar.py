@@ -58,7 +58,7 @@ from course_lib.features.text import pack_pair
 from course_lib.fusion.base import FusionOutput
 from course_lib.fusion.single_stream import SingleStreamFusion
 from course_lib.models.region_bert import (REGION_KEYS, RegionBert, RegionBertConfig, check_region_batch,
-                                           mask_caption, swap_images)
+                                           draw_mismatched, mask_caption, swap_images)
 from course_lib.objectives.itm import itm_loss
 from course_lib.objectives.mlm import masked_lm_loss
 from course_lib.objectives.polluted import pollute
@@ -201,8 +201,7 @@ class Oscar(RegionBert):
             batch, matched, _ = pollute(batch, keys, c.pollute_prob)
             scored = torch.ones_like(matched) if c.use_tags else matched
         elif c.itm_weight > 0:  # retrieval fine-tuning: whole images (regions and tags) of other pairs
-            swapped = torch.rand(B, device=device) < c.itm_prob
-            swapped[0], swapped[-1] = False, True
+            swapped = draw_mismatched(B, c.itm_prob, device)
             batch = swap_images(batch, swapped)
             matched = scored = ~swapped
         ids, mask, segments = self.text_sequence(batch)

@@ -149,6 +149,14 @@ def check_region_batch(batch: dict, config: RegionBertConfig) -> None:
                          f"{config.num_region_classes} (classes + 'no object'); set --model.num_region_classes")
 
 
+def draw_mismatched(batch_size: int, prob: float, device=None) -> torch.Tensor:
+    """``(B,)`` bool: the pairs that get another image's regions (ITM negatives), each with probability
+    ``prob``; the first pair always keeps its image and the last never does, so both kinds are scored."""
+    swapped = torch.rand(batch_size, device=device) < prob
+    swapped[0], swapped[-1] = False, True
+    return swapped
+
+
 def swap_images(batch: dict, swapped: torch.Tensor, generator: torch.Generator | None = None) -> dict:
     """The ITM negatives: rows ``swapped (B,)`` get every region key of another row of the batch.
 
@@ -269,8 +277,7 @@ class RegionBert(nn.Module):
         if c.itm_weight > 0:
             if B < 2:
                 raise ValueError("ITM needs a batch of at least 2 pairs to draw a mismatched image from")
-            swapped = torch.rand(B, device=device) < c.itm_prob
-            swapped[0], swapped[-1] = False, True  # at least one pair of each kind
+            swapped = draw_mismatched(B, c.itm_prob, device)
             batch = swap_images(batch, swapped)
         matched = ~swapped
         losses = {}

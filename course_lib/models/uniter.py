@@ -64,7 +64,8 @@ from torch import nn
 
 from course_lib.distributed import is_distributed
 from course_lib.features.region import RegionEmbedding
-from course_lib.models.region_bert import RegionBert, RegionBertConfig, check_region_batch, mask_caption, swap_images
+from course_lib.models.region_bert import (RegionBert, RegionBertConfig, check_region_batch, draw_mismatched,
+                                          mask_caption, swap_images)
 from course_lib.objectives.itm import itm_loss
 from course_lib.objectives.mlm import MLMHead, masked_lm_loss
 from course_lib.objectives.mvm import (RegressionHead, feature_regression_loss, mask_regions,
@@ -193,8 +194,7 @@ class Uniter(RegionBert):
         if task == "itm":
             if B < 2:
                 raise ValueError("ITM needs a batch of at least 2 pairs to draw a mismatched image from")
-            swapped = torch.rand(B, device=device) < c.itm_prob
-            swapped[0], swapped[-1] = False, True  # at least one pair of each kind
+            swapped = draw_mismatched(B, c.itm_prob, device)
             return TaskInputs(swap_images(batch, swapped), batch["input_ids"], None, None, ~swapped)
         mask_words = task == "mlm" or not c.conditional_masking
         mask_image = task in REGION_TASKS or not c.conditional_masking
