@@ -27,11 +27,13 @@ class MultiHeadAttention(nn.Module):
               \qquad \mathrm{out} = [\mathrm{head}_1; \dots; \mathrm{head}_H]\, W_O
 
     Queries come from ``x (B, Nq, D)``; keys and values from ``context (B, Nk, Dc)`` (cross-attention)
-    or from ``x`` itself. ``dropout`` is applied to the attention probabilities.
+    or from ``x`` itself. ``dropout`` is applied to the attention probabilities. ``query_dim``: the width
+    ``Dq`` of ``x`` when it differs from the attention's inner width ``dim`` (ViLBERT's co-attention:
+    768-d words attend to 1024-d regions in 1024 dimensions); the output is mapped back to ``Dq``.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, context_dim: int | None = None,
-                 bias: bool = True):
+                 bias: bool = True, query_dim: int | None = None):
         super().__init__()
         if dim < 1 or num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
@@ -39,11 +41,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.context_dim = context_dim or dim
+        self.query_dim = query_dim or dim
         self.dropout = dropout
-        self.query = nn.Linear(dim, dim, bias=bias)
+        self.query = nn.Linear(self.query_dim, dim, bias=bias)
         self.key = nn.Linear(self.context_dim, dim, bias=bias)
         self.value = nn.Linear(self.context_dim, dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        self.out = nn.Linear(dim, self.query_dim, bias=bias)
 
     def _project(self, x: torch.Tensor, context: torch.Tensor):
         """``(query(x), key(context), value(context))``, each ``(B, N, D)``, in as few matrix products
@@ -79,10 +82,10 @@ class MultiHeadAttention(nn.Module):
         """``x (B, Nq, D)``, ``context (B, Nk, Dc) | None``, ``key_mask (B, Nk) | None`` ->
         ``(out (B, Nq, D), attn (B, H, Nq, Nk) | None)``. ``causal``: query t sees keys <= t.
         ``attn_mask (B, Nq, Nk) | None`` bool: True where query i may attend to key j (per sample)."""
-        check_shape("x", x, (None, None, self.dim))
+        check_shape("x", x, (None, None, self.query_dim))
         B, Nq, _ = x.shape
         if context is None:
-            if self.context_dim != self.dim:
+            if self.context_dim != self.query_dim:
                 raise ValueError(f"context is required: this attention was built with context_dim={self.context_dim}")
             context = x
         check_shape("context", context, (B, None, self.context_dim))

@@ -253,6 +253,9 @@ def _region_micro_batches(config, mc, info: DistInfo, micro: int, accum: int, st
         make = ShapeWorldRegions(ShapeWorld(seed=config.seed), tokenizer, mc.context_length,
                                  **({"max_regions": mc.max_regions} if hasattr(mc, "max_regions") else {}),
                                  **({"tag_tokens": mc.max_tag_tokens} if tags else {}))
+        if getattr(model_entry(config.model).model, "needs_scene_graphs", False):  # ERNIE-ViL masks graph words
+            from course_lib.data.scene_graph import ShapeWorldSceneGraphs
+            make = ShapeWorldSceneGraphs(make)
         stream = MicroBatchStream(make, micro, accum, info.rank, info.world_size, start_step)
         return iter(DataLoader(stream, batch_size=None, **workers))
     from course_lib.data.region_shards import DEFAULT_MAX_REGIONS, RegionBatches, RegionShardDataset

@@ -332,16 +332,16 @@ print(f"p(top image | text): median {prob.max(0).values.median():.3f} (uniform o
 # %% [markdown]
 # Most cosines are **not** near 1: over all pairs the median is close to 0 and the 1st to 99th
 # percentiles span almost the whole of $[-1, 1]$. What is near 1 is the top of every ranking: the
-# best cosine of even the worst-served description is above 0.95, an image and its own description
-# score above 0.97 on average, and the images the model confuses with it score just as high. The
-# five best images of a description lie within a few thousandths of a cosine of each other, which
-# the learnt scale $s$ turns into a few hundredths of a logit: nearly a tie. So the softmax shares
-# the probability among a dozen or so images close to the best, and the top one gets about 2%
+# best cosine of even the worst-served description is above 0.9, an image and its own description
+# score above 0.97 on average, and the images the model confuses with it score nearly as high. The
+# five best images of a description lie within about a hundredth of a cosine of each other, which
+# the learnt scale $s$ turns into less than a fifth of a logit: close to a tie. So the softmax shares
+# the probability among the handful of images close to the best, and the top one gets about 5%
 # (uniform would be 0.1%).
 #
 # The loss only ever sees $s$ times a difference of cosines. To separate two images whose
 # descriptions differ by one word, the model must open a gap between their cosines, and a gap of
-# 0.003 is worth only $0.003\,s$ in the loss; a larger $s$ would make the same gap count for more.
+# 0.01 is worth only $0.01\,s$ in the loss; a larger $s$ would make the same gap count for more.
 # CLIP learns $s$ and lets it grow up to 100, but here it moved only a little from its start,
 # $1/0.07 \approx 14.3$: in a run this short, Adam cannot move $\log s$ by more than about the sum
 # of the learning rates, and the printed bound shows that 100 was out of reach. (The released CLIP

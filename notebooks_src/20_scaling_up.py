@@ -318,7 +318,7 @@ batch = {key: value.to(device) for key, value in batch.items()}
 with torch.no_grad():
     loss_fp32 = model(batch)["loss"]
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        projected = model.visual.proj(torch.randn(2, model.config.vision_width, device=device))
+        projected = model.towers.image_projection(torch.randn(2, model.config.vision_width, device=device))
         loss_bf16 = model(batch)["loss"]
 print(f"a linear layer's output under autocast: {projected.dtype}; the loss: {loss_bf16.dtype}")
 print(f"loss float32 {loss_fp32.item():.4f}, under bf16 autocast {loss_bf16.item():.4f}")

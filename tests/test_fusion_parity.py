@@ -144,26 +144,22 @@ def test_two_tower_matches_hf_clip():
     torch.testing.assert_close(torch.nn.functional.normalize(image_emb, dim=-1), expected.image_embeds, **TOL)
 
 
-def test_two_tower_matches_course_clip_towers():
+def test_course_clip_is_the_two_tower_block():
+    """One two-tower implementation: the course CLIP composes TwoTowerFusion, so its embeddings are the
+    block's pooled outputs on CLIP's pixel and token embeddings (notebook 04 and notebook 22 run the
+    same code). The HF parity of the whole model is in tests/test_clip.py."""
     torch.manual_seed(0)
     model = CLIP(CourseCLIPConfig(vocab_size=VOCAB, image_size=16, patch_size=4, vision_width=DIM, vision_layers=2,
                                   vision_heads=HEADS, text_width=DIM, text_layers=2, text_heads=HEADS,
                                   context_length=16, embed_dim=16)).eval()
     _randomize(model)
-    ours = TwoTowerFusion(dim=DIM, num_heads=HEADS, num_layers=2, embed_dim=16).eval()
-    renames = [("text.encoder.", "text_encoder."), ("text.proj.", "text_projection."),
-               ("visual.pre_norm.", "image_pre_norm."), ("visual.encoder.", "image_encoder."),
-               ("visual.proj.", "image_projection.")]
-    state = {ours_p + k[len(theirs):]: v for k, v in model.state_dict().items()
-             for theirs, ours_p in renames if k.startswith(theirs)}
-    ours.load_state_dict(state, strict=True)
+    assert type(model.towers) is TwoTowerFusion
     text_mask, _ = _masks()
     ids, images = _ids(text_mask), torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        text = model.text.token_embedding(ids) + model.text.position_embedding[:7]
-        got = ours(text, text_mask, model.visual.embed(images), None)
-        torch.testing.assert_close(got.pooled[0], model.text(ids, text_mask)[1], **TOL)
-        torch.testing.assert_close(got.pooled[1], model.visual(images)[1], **TOL)
+        got = model.towers(model.text_embed(ids), text_mask, model.image_embed(images), None)
+        torch.testing.assert_close(got.pooled[0], model.text(ids, text_mask)[1], rtol=0, atol=0)
+        torch.testing.assert_close(got.pooled[1], model.visual(images)[1], rtol=0, atol=0)
 
 
 def _tiny_blip_text() -> BlipTextModel:

@@ -260,7 +260,7 @@ def _bad_data_dirs(tmp_path):
 @pytest.mark.filterwarnings("ignore:skipping a corrupt sample")  # the shards without captions
 @pytest.mark.parametrize("argv, message", [
     (["--global_batch=6", "--micro_batch=4"], r"global_batch=6 must be micro_batch=4 x world_size=1"),
-    (["--model.vision_layers=-1"], r"num_layers must be a positive int, got -1"),
+    (["--model.vision_layers=-1"], r"vision_layers must be a positive int, got -1"),
     (["--lr=0"], r"lr must be > 0, got 0"),
     (["--data=shards", "--data_path=TMP/nowhere"], r"data_path='.*nowhere' does not exist"),
     (["--data=shards", "--data_path=TMP/empty"], r"data_path='.*empty': no .tar shards in directory"),
@@ -331,10 +331,10 @@ def test_synthetic_pairs_are_a_function_of_the_sample_index():
 
 
 def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
-    import course_lib.models.clip as clip_module
+    import course_lib.fusion.two_tower as two_tower_module  # CLIP's towers
 
     calls = []
-    monkeypatch.setattr(clip_module, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    monkeypatch.setattr(two_tower_module, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
     torch.manual_seed(0)
     batch = {"images": torch.rand(4, 3, 32, 32), "input_ids": torch.randint(5, 100, (4, 12)),
              "attention_mask": torch.ones(4, 12, dtype=torch.long)}
@@ -356,7 +356,7 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
 def test_registry_builds_models_by_name():
     assert isinstance(build_model("clip", "cpu-tiny"), CLIP)
     assert MODELS["clip"] == (MODELS["clip"].config, CLIP)
-    assert len(build_model("clip", "cpu-tiny", vision_layers=1).visual.encoder.layers) == 1
+    assert len(build_model("clip", "cpu-tiny", vision_layers=1).towers.image_encoder.layers) == 1
     with pytest.raises(ValueError, match=r"unknown model 'vilt'; valid models are \[.*'clip'.*'visualbert'.*\]"):
         build_model("vilt")
 

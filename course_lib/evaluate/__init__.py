@@ -9,7 +9,10 @@
   most-frequent-caption baseline;
 - ``caption_truth``: whether a caption of ShapeWorld's grammar is true of its scene;
 - ``fused``: retrieval, VQA fine-tuning and grounding by region scoring for fused models (an ITM head,
-  a pooled output, one output per region).
+  a pooled output, one output per region);
+- ``two_stage``: ALBEF's two-stage retrieval (ITC picks the top k, the ITM head re-ranks them);
+- ``zero_shot``: zero-shot classification with prompt ensembles, the linear probe, and the binding test on
+  attribute-swapped captions (CLIP, notebook 22).
 
 Everything public is importable from here: ``from course_lib.evaluate import recall_at_k``.
 """
@@ -30,6 +33,15 @@ from course_lib.evaluate.fused import (
     region_ious,
 )
 from course_lib.evaluate.retrieval import chance_recall_at_k, positives_matrix, recall_at_k
+from course_lib.evaluate.two_stage import rerank_top_k, two_stage_retrieval, two_stage_scores
+from course_lib.evaluate.zero_shot import (
+    attribute_swap,
+    binding_accuracy,
+    description_retrieval,
+    linear_probe,
+    zero_shot_accuracy,
+    zero_shot_weights,
+)
 from course_lib.evaluate.vqa import (
     VQAHead,
     vqa_loss,
@@ -60,9 +72,18 @@ __all__ = [
     "positives_matrix",
     "recall_at_k",
     "region_ious",
+    "rerank_top_k",
     "tokenize_caption",
+    "two_stage_retrieval",
+    "two_stage_scores",
     "vqa_loss",
     "vqa_soft_accuracy",
     "vqa_soft_targets",
     "vqa_soft_targets_from_scores",
+    "attribute_swap",
+    "binding_accuracy",
+    "description_retrieval",
+    "linear_probe",
+    "zero_shot_accuracy",
+    "zero_shot_weights",
 ]

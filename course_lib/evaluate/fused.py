@@ -80,7 +80,7 @@ class VQAFineTuner(nn.Module):
             raise ValueError(f"model {type(model).__name__} has no encode(batch) giving a pooled output")
         self.model = model
         self.num_answers = num_answers
-        self.head = VQAHead(dim or model.config.dim, num_answers)
+        self.head = VQAHead(dim or getattr(model, "pooled_dim", model.config.dim), num_answers)
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.head(self.model.encode(batch).pooled)
@@ -159,7 +159,7 @@ class GroundingFineTuner(nn.Module):
         if not hasattr(model, "encode"):
             raise ValueError(f"model {type(model).__name__} has no encode(batch) giving fused region outputs")
         self.model = model
-        self.head = nn.Linear(dim or model.config.dim, 1)
+        self.head = nn.Linear(dim or getattr(model, "region_dim", model.config.dim), 1)
 
     def logits(self, batch: dict) -> torch.Tensor:
         out = self.model.encode(batch)

@@ -28,6 +28,8 @@ class PixelSampler(nn.Module):
 
     Training mode: ``num_samples`` positions per image, drawn with ``generator`` (pass a seeded
     ``torch.Generator`` for repeatable draws). Eval mode: all ``N`` positions, in order.
+    ``sample=True`` / ``False`` overrides the mode (Pixel-BERT samples in its pretraining step only,
+    whatever the mode; fine-tuning and evaluation read every position).
     """
 
     def __init__(self, num_samples: int = 100):
@@ -36,10 +38,11 @@ class PixelSampler(nn.Module):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         self.num_samples = num_samples
 
-    def forward(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> SampledPixels:
+    def forward(self, tokens: torch.Tensor, generator: torch.Generator | None = None,
+                sample: bool | None = None) -> SampledPixels:
         check_shape("tokens", tokens, (None, None, None))
         B, N, D = tokens.shape
-        if not self.training:
+        if not (self.training if sample is None else sample):
             indices = torch.arange(N, device=tokens.device).expand(B, N)  # (B, N)
             return SampledPixels(tokens, indices)
         if self.num_samples > N:

@@ -90,6 +90,7 @@ class FusionModule(nn.Module):
             raise ValueError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = apply_overrides(config, overrides)
         self.dim = self.config.dim
+        self.image_dim = self.dim  # the image tokens' width (two-tower's image tower may be wider)
 
     # ------------------------------------------------------------------ inputs
 
@@ -98,7 +99,7 @@ class FusionModule(nn.Module):
         D = self.dim
         check_shape("text", text, (None, None, D))
         B, Lt, _ = text.shape
-        check_shape("image", image, (B, None, D))
+        check_shape("image", image, (B, None, self.image_dim))
         Li = image.shape[1]
         for name, x in (("text", text), ("image", image)):
             if not x.is_floating_point():
@@ -138,7 +139,7 @@ class FusionModule(nn.Module):
             check_positive_int(name, value)
         device = next(self.parameters()).device
         text = torch.randn(batch_size, text_len, self.dim, generator=generator).to(device)
-        image = torch.randn(batch_size, image_len, self.dim, generator=generator).to(device)
+        image = torch.randn(batch_size, image_len, self.image_dim, generator=generator).to(device)
         text_mask = torch.ones(batch_size, text_len, dtype=torch.bool, device=device)
         image_mask = torch.ones(batch_size, image_len, dtype=torch.bool, device=device)
         return text, text_mask, image, image_mask
@@ -154,14 +155,15 @@ class FusionModule(nn.Module):
 
 
 class Pooler(nn.Module):
-    """``act(dense(x[:, index]))``: BERT's pooler (tanh) or ViLBERT/UNIMO's (ReLU). ``(B, L, D) -> (B, D)``."""
+    """``act(dense(x[:, index]))``: BERT's pooler (tanh) or ViLBERT/UNIMO's (ReLU). ``(B, L, D) -> (B, Do)``,
+    ``Do = out_dim`` (default ``D``; ViLBERT pools both streams into its co-attention width)."""
 
-    def __init__(self, dim: int, activation: str = "tanh"):
+    def __init__(self, dim: int, activation: str = "tanh", out_dim: int | None = None):
         super().__init__()
         acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
         if activation not in acts:
             raise ValueError(f"activation={activation!r} is not valid; expected one of {list(acts)}")
-        self.dense = nn.Linear(dim, dim)
+        self.dense = nn.Linear(dim, out_dim or dim)
         self.act = acts[activation]()
 
     def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
@@ -171,11 +173,15 @@ class Pooler(nn.Module):
 class CrossAttentionSublayer(nn.Module):
     """Post-LN residual cross-attention: ``LN(x + dropout(MHA(x, context)))``, BERT's
     ``BertAttention`` used across streams (ViLBERT's ``BertBiAttention`` half, LXMERT's
-    ``BertCrossattLayer``). ``x (B, N, D)``, ``context (B, Nc, D)`` -> ``(B, N, D)``, map ``(B, H, N, Nc)``."""
+    ``BertCrossattLayer``). ``x (B, N, D)``, ``context (B, Nc, Dc)`` -> ``(B, N, D)``, map ``(B, H, N, Nc)``.
+    ``context_dim`` (``Dc``, default ``D``) and ``inner_dim`` (the attention's width, default ``D``) let
+    two streams of different widths meet (ViLBERT: ``bi_hidden_size`` 1024 between 768 and 1024)."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, layer_norm_eps: float = 1e-12):
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, layer_norm_eps: float = 1e-12,
+                 context_dim: int | None = None, inner_dim: int | None = None):
         super().__init__()
-        self.attn = MultiHeadAttention(dim, num_heads, dropout)
+        self.attn = MultiHeadAttention(inner_dim or dim, num_heads, dropout, context_dim=context_dim or dim,
+                                       query_dim=dim)
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
 

@@ -61,12 +61,35 @@ class FusionEncoder(FusionModule):
 
     def forward(self, text, text_mask, image, image_mask, return_attention: bool = False) -> FusionOutput:
         text_mask, image_mask = self.check_inputs(text, text_mask, image, image_mask)
-        image, maps = run_image_encoder(self.image_encoder, image, image_mask, return_attention)
+        image, maps = self.encode_image(image, image_mask, return_attention)
+        text, text_maps = self.encode_text(text, text_mask, return_attention)
+        text, fusion_maps = self.fuse(text, text_mask, image, image_mask, return_attention)
+        return FusionOutput(text=text, image=image, pooled=text[:, 0], attentions=maps + text_maps + fusion_maps)
+
+    # The three stages one by one (ALBEF aligns the unimodal outputs with ITC before it fuses them).
+    # They take checked inputs: ``forward`` checks them, and a model calling them checks its own batch.
+
+    def encode_image(self, image, image_mask=None, return_attention: bool = False):
+        """The image encoder alone: ``(B, Li, D)`` -> ``((B, Li, D), [{"image_self"}] per layer)``."""
+        return run_image_encoder(self.image_encoder, image, image_mask, return_attention)
+
+    def encode_text(self, text, text_mask=None, return_attention: bool = False):
+        """The text layers without cross-attention (the bottom ``num_layers - fusion_layers``; none
+        when every layer fuses, as BLIP's): ``(B, Lt, D)`` -> ``((B, Lt, D), [{"text_self"}] per layer)``."""
+        maps = []
+        for layer in self.text_layers:
+            if layer.has_cross:
+                break
+            text, m = layer(text, text_mask, return_attention=return_attention)
+            maps.append({"text_self": m["self"]})
+        return text, maps
+
+    def fuse(self, text, text_mask, image, image_mask=None, return_attention: bool = False):
+        """The cross-attention layers over ``encode_text``'s output ``(B, Lt, D)`` and the encoded
+        image ``(B, Li, D)`` -> ``((B, Lt, D), [{"text_self", "text_to_image"}] per layer)``."""
+        maps = []
         for layer in self.text_layers:
             if layer.has_cross:
                 text, m = layer(text, text_mask, image, image_mask, return_attention)
                 maps.append({"text_self": m["self"], "text_to_image": m["cross"]})
-            else:
-                text, m = layer(text, text_mask, return_attention=return_attention)
-                maps.append({"text_self": m["self"]})
-        return FusionOutput(text=text, image=image, pooled=text[:, 0], attentions=maps)
+        return text, maps

@@ -122,12 +122,19 @@ def load_from_hf_lxmert(hf_model) -> CrossModalityFusion:
         raise ValueError(f"hf_model needs at least one cross-modality layer, got x_layers={c.x_layers}")
     ours = CrossModalityFusion(num_layers=c.x_layers, text_layers=c.l_layers, image_layers=c.r_layers,
                                layer_norm_eps=1e-12, **_common_options(c))  # LXMERT hard-codes eps 1e-12
+    return _load_renamed(ours, hf_model.state_dict(), lxmert_fusion_rules(c.l_layers, c.r_layers, c.x_layers))
+
+
+def lxmert_fusion_rules(l_layers: int, r_layers: int, x_layers: int) -> list[tuple[str, str]]:
+    """``(HF LxmertModel prefix, CrossModalityFusion prefix)`` for every weight of the three encoders
+    and the pooler (the visual feature encoder and the embeddings stay outside; see the table above).
+    ``course_lib.models.lxmert`` reads them both ways (import and export)."""
     rules = [("pooler.dense.", "pooler.dense.")]
-    for i in range(c.l_layers):
+    for i in range(l_layers):
         rules += _layer_rules(f"encoder.layer.{i}.", f"text_encoder.{i}.", BERT_LAYER)
-    for i in range(c.r_layers):
+    for i in range(r_layers):
         rules += _layer_rules(f"encoder.r_layers.{i}.", f"image_encoder.{i}.", BERT_LAYER)
-    for i in range(c.x_layers):
+    for i in range(x_layers):
         theirs, mine = f"encoder.x_layers.{i}.", f"cross_encoder.{i}."
         rules += [(theirs + "visual_attention.att.", mine + "cross.attn."),
                   (theirs + "visual_attention.output.dense.", mine + "cross.attn.out."),
@@ -135,31 +142,42 @@ def load_from_hf_lxmert(hf_model) -> CrossModalityFusion:
         for stream, layer in (("lang", "text_layer."), ("visn", "image_layer.")):
             table = [(a.format(s=stream), b) for a, b in LXMERT_STREAM]
             rules += _layer_rules(theirs, mine + layer, table)
-    return _load_renamed(ours, hf_model.state_dict(), rules)
+    return rules
 
 
-@torch.no_grad()
-def load_from_hf_clip(hf_model) -> TwoTowerFusion:
-    """``CLIPModel`` -> ``TwoTowerFusion``. The two towers must share width, heads, MLP ratio, activation
-    and LayerNorm eps (our towers are built from one config). HF's ``post_layernorm`` on the image
-    [CLS] becomes our image tower's final LayerNorm (applied to every token, the same on [CLS])."""
-    _check_type("hf_model", hf_model, "CLIPModel")
-    tc, vc = hf_model.config.text_config, hf_model.config.vision_config
-    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps"):
-        if getattr(tc, key) != getattr(vc, key):
-            raise ValueError(f"hf_model's text and vision configs must agree on {key}, got "
-                             f"{getattr(tc, key)!r} and {getattr(vc, key)!r}")
-    ours = TwoTowerFusion(num_layers=tc.num_hidden_layers, image_layers=vc.num_hidden_layers,
-                          layer_norm_eps=tc.layer_norm_eps, embed_dim=hf_model.config.projection_dim,
-                          **_common_options(tc))
+def clip_tower_rules(text_layers: int, image_layers: int) -> list[tuple[str, str]]:
+    """HF ``CLIPModel`` name prefixes -> ``TwoTowerFusion``'s, for the towers (one to one, both ways:
+    ``course_lib.models.clip.to_transformers`` uses them in reverse)."""
     rules = [("text_model.final_layer_norm.", "text_encoder.final_norm."),
              ("text_projection.", "text_projection."), ("vision_model.pre_layrnorm.", "image_pre_norm."),
              ("vision_model.post_layernorm.", "image_encoder.final_norm."),
              ("visual_projection.", "image_projection.")]
-    for i in range(tc.num_hidden_layers):
+    for i in range(text_layers):
         rules += _layer_rules(f"text_model.encoder.layers.{i}.", f"text_encoder.layers.{i}.", CLIP_LAYER)
-    for i in range(vc.num_hidden_layers):
+    for i in range(image_layers):
         rules += _layer_rules(f"vision_model.encoder.layers.{i}.", f"image_encoder.layers.{i}.", CLIP_LAYER)
+    return rules
+
+
+@torch.no_grad()
+def load_from_hf_clip(hf_model) -> TwoTowerFusion:
+    """``CLIPModel`` -> ``TwoTowerFusion``. The towers may differ in width and heads (``image_dim``,
+    ``image_heads``) but must share the MLP ratio, activation and LayerNorm eps (one config). HF's
+    ``post_layernorm`` on the image [CLS] becomes our image tower's final LayerNorm (applied to every
+    token, the same on [CLS])."""
+    _check_type("hf_model", hf_model, "CLIPModel")
+    tc, vc = hf_model.config.text_config, hf_model.config.vision_config
+    for key in ("hidden_act", "layer_norm_eps"):
+        if getattr(tc, key) != getattr(vc, key):
+            raise ValueError(f"hf_model's text and vision configs must agree on {key}, got "
+                             f"{getattr(tc, key)!r} and {getattr(vc, key)!r}")
+    if tc.intermediate_size * vc.hidden_size != vc.intermediate_size * tc.hidden_size:
+        raise ValueError("hf_model's text and vision configs must agree on intermediate_size / hidden_size, got "
+                         f"{tc.intermediate_size}/{tc.hidden_size} and {vc.intermediate_size}/{vc.hidden_size}")
+    ours = TwoTowerFusion(num_layers=tc.num_hidden_layers, image_layers=vc.num_hidden_layers,
+                          layer_norm_eps=tc.layer_norm_eps, embed_dim=hf_model.config.projection_dim,
+                          image_dim=vc.hidden_size, image_heads=vc.num_attention_heads, **_common_options(tc))
+    rules = clip_tower_rules(tc.num_hidden_layers, vc.num_hidden_layers)
     return _load_renamed(ours, hf_model.state_dict(), rules)
 
 

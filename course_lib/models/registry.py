@@ -12,12 +12,17 @@ from typing import NamedTuple
 
 from torch import nn
 
+from course_lib.models.albef import ALBEF, ALBEFConfig
 from course_lib.models.b2t2 import B2T2, B2T2Config
 from course_lib.models.clip import CLIP, CLIPConfig
+from course_lib.models.ernie_vil import ErnieViL, ErnieViLConfig
+from course_lib.models.lxmert import LXMERT, LXMERTConfig
 from course_lib.models.oscar import Oscar, OscarConfig
+from course_lib.models.pixel_bert import PixelBert, PixelBertConfig
 from course_lib.models.unicoder_vl import UnicoderVL, UnicoderVLConfig
 from course_lib.models.unified_vlp import UnifiedVLP, UnifiedVLPConfig
 from course_lib.models.uniter import Uniter, UniterConfig
+from course_lib.models.vilbert import ViLBERT, ViLBERTConfig
 from course_lib.models.visualbert import VisualBert, VisualBertConfig
 from course_lib.models.vl_bert import VLBert, VLBertConfig
 
@@ -29,6 +34,7 @@ class ModelEntry(NamedTuple):
 
 MODELS: dict[str, ModelEntry] = {
     "clip": ModelEntry(CLIPConfig, CLIP),
+    "albef": ModelEntry(ALBEFConfig, ALBEF),
     "visualbert": ModelEntry(VisualBertConfig, VisualBert),
     "b2t2": ModelEntry(B2T2Config, B2T2),
     "unicoder_vl": ModelEntry(UnicoderVLConfig, UnicoderVL),
@@ -36,6 +42,10 @@ MODELS: dict[str, ModelEntry] = {
     "unified_vlp": ModelEntry(UnifiedVLPConfig, UnifiedVLP),
     "uniter": ModelEntry(UniterConfig, Uniter),
     "oscar": ModelEntry(OscarConfig, Oscar),
+    "lxmert": ModelEntry(LXMERTConfig, LXMERT),
+    "vilbert": ModelEntry(ViLBERTConfig, ViLBERT),
+    "ernie_vil": ModelEntry(ErnieViLConfig, ErnieViL),
+    "pixel_bert": ModelEntry(PixelBertConfig, PixelBert),
 }
 
 
