@@ -32,13 +32,14 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "albef_claims.json"
@@ -203,7 +204,7 @@ def run(protocol: dict, out: Path, command: str, part: tuple[int, int] = (0, 1))
     chance = chance_recall_at_k(test_positives(batch), 1)["mean_recall"]
     results = {"protocol": {**protocol, "noise": list(protocol["noise"])}, "world": WORLD, "model": MODEL,
                "rows": list(done.values()), "chance": {"itm_accuracy": 0.5, "R@1": chance}, "command": command,
-               "commit": _commit(), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+               "commit": git_commit(), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                "machine": platform.machine(), "threads": torch.get_num_threads(),
                "total_seconds": time.time() - start}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,23 +245,11 @@ def merge(parts: list[dict], command: str) -> dict:
             "total_seconds": max(p["total_seconds"] for p in parts)}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def row(results: dict, setup: str, noise: float) -> dict:
     for r in results["rows"]:
         if r["setup"] == setup and abs(r["noise"] - noise) < 1e-9:
             return r
     raise KeyError(f"no row {setup!r} at noise {noise}")
-
-
-def ms(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
 def verdict(better: list[float], worse: list[float]) -> str:
@@ -276,19 +265,19 @@ def markdown(results: dict) -> str:
              "| setup | ITM accuracy | ITM retrieval R@1 |", "|---|---|---|"]
     for setup in ("ALBEF", "no ITC"):
         s = row(results, setup, 0.0)["scores"]
-        lines.append(f"| {setup} | {ms(s['itm_accuracy'])} | {ms(s['itm_R@1'])} |")
+        lines.append(f"| {setup} | {mean_spread(s['itm_accuracy'])} | {mean_spread(s['itm_R@1'])} |")
     lines += ["", "**2. Momentum distillation under caption noise** (two-stage R@1, clean test captions)", "",
               "| caption noise | ALBEF (MoD) | no MoD | MoD - no MoD |", "|---|---|---|---|"]
     for noise in results["protocol"]["noise"]:
         a, b = (row(results, s, noise)["scores"]["two_stage_R@1"] for s in ("ALBEF", "no MoD"))
-        lines.append(f"| {noise:.0%} | {ms(a)} | {ms(b)} | {np.mean(a) - np.mean(b):+.3f} |")
+        lines.append(f"| {noise:.0%} | {mean_spread(a)} | {mean_spread(b)} | {np.mean(a) - np.mean(b):+.3f} |")
     lines += ["", "**3. Two-stage retrieval against ITC alone** (R@1)", "",
               "| setup | noise | ITC alone | two-stage (ITC top-k, ITM re-rank) | ITM over all pairs |", "|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["setup"] != "no ITC":
             s = r["scores"]
-            lines.append(f"| {r['setup']} | {r['noise']:.0%} | {ms(s['itc_R@1'])} | {ms(s['two_stage_R@1'])} | "
-                         f"{ms(s['itm_R@1'])} |")
+            lines.append(f"| {r['setup']} | {r['noise']:.0%} | {mean_spread(s['itc_R@1'])} | {mean_spread(s['two_stage_R@1'])} | "
+                         f"{mean_spread(s['itm_R@1'])} |")
     return "\n".join(lines)
 
 

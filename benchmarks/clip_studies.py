@@ -25,13 +25,14 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "clip_studies.json"
@@ -126,10 +127,6 @@ def chance(data: dict, protocol: dict) -> dict:
     return out
 
 
-def mean_spread(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def lines(protocol: dict) -> list[dict]:
     """The study lines: (study, name, batch size, clamp, scale lr, scored for templates?)."""
     rows = [dict(study="batch", name=f"batch {b}", batch_size=b, clamp=True, scale_lr=None,
@@ -140,22 +137,10 @@ def lines(protocol: dict) -> list[dict]:
     return rows
 
 
-def commit() -> str:
-    """The commit measured, with ``+uncommitted`` when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted" if dirty else "")
-
-
 def run(protocol: dict, out: Path, command: str, log=print) -> dict:
     start = time.perf_counter()
     data = build_data(protocol)
-    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": commit(),
+    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": git_commit(),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                "protocol": protocol, "world": {**WORLD, "held_out": [list(p) for p in HELD_OUT]}, "model": MODEL,
                "chance": chance(data, protocol), "rows": []}

@@ -33,12 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from uniter_ablation import commit  # noqa: E402  the commit measured (+uncommitted for a changed tree)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "ernie_vil_claim.json"
 SGP_OFF = dict(object_weight=0.0, attribute_weight=0.0, relation_weight=0.0)
 ARMS = {"sgp": ("ERNIE-ViL: MLM + scene-graph prediction", {}), "mlm": ("plain random MLM (ViLBERT)", SGP_OFF)}
@@ -90,10 +90,6 @@ def score(model, data, protocol: dict, seed: int) -> dict:
     return fine_grained_scores(model, data, budget, seed=seed, device="cpu")
 
 
-def mean_spread(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def markdown(results: dict) -> str:
     """One row per score, one column per arm (mean ± std over the seeds), and the chance level."""
     names = list(results["chance"])
@@ -143,7 +139,7 @@ def main(argv=None) -> dict:
                                 "final_losses": losses})
     results.update(command="python " + " ".join(shlex.quote(a) for a in ["benchmarks/ernie_vil_claim.py",
                                                                           *(argv if argv is not None else sys.argv[1:])]),
-                   commit=commit(), date=datetime.date.today().isoformat(), machine=platform.machine(),
+                   commit=git_commit(), date=datetime.date.today().isoformat(), machine=platform.machine(),
                    threads=args.threads, total_seconds=round(time.perf_counter() - start, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

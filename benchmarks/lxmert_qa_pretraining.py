@@ -31,13 +31,14 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "lxmert_qa_pretraining.json"
@@ -114,10 +115,6 @@ def qa_head_accuracy(model, data) -> float:
     return (model.qa_head(model.encode(data.qa_val).pooled).argmax(-1) == data.qa_val["answers"]).float().mean().item()
 
 
-def mean_spread(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def markdown(results: dict) -> str:
     p = results["protocol"]
     out = [f"| pretraining | VQA, fine-tuned at lr {p['lr']:g} | VQA, fine-tuned at lr {p['finetune_lr_low']:g} | "
@@ -130,23 +127,11 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def commit() -> str:
-    """The commit measured, with ``+uncommitted`` when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted" if dirty else "")
-
-
 def run(protocol: dict, out: Path, command: str, log=print) -> dict:
     start = time.perf_counter()
     tokenizer, pool, data = build_data(protocol)
     majority = torch.bincount(data.qa_train["answers"], minlength=data.num_answers).argmax()
-    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": commit(),
+    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": git_commit(),
                "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, "
                           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
                "protocol": protocol, "world": WORLD, "model": MODEL, "paper_source": PAPER_SOURCE,

@@ -27,13 +27,13 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "pixel_bert_sampling.json"
@@ -106,13 +106,6 @@ def score(model, data, protocol: dict, seed: int, grounding: bool) -> dict:
     return out
 
 
-def mean_spread(values, digits: int = 3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
-
-
 def markdown(results: dict) -> str:
     out = ["| line | retrieval R@1 | VQA | grounding acc@0.5 | ms / pretraining step |", "|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -145,7 +138,7 @@ def run(protocol: dict, command: str, out: Path | None) -> dict:
     results = {"protocol": protocol, "world": WORLD, "model_size": MODEL_SIZE, "context_length": CONTEXT,
                "max_regions": MAX_REGIONS, "tasks": list(TASKS), "rows": list(rows.values()),
                "chance": chance_levels(data), "paper_source": PAPER_SOURCE, "command": command,
-               "commit": _commit(), "date": datetime.date.today().isoformat(), "machine": platform.processor()
+               "commit": git_commit(), "date": datetime.date.today().isoformat(), "machine": platform.processor()
                or platform.machine(), "threads": 1, "total_seconds": time.perf_counter() - begin}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,14 +161,6 @@ def merge(parts: list[dict]) -> dict:
     out["command"] = " && ".join(p["command"] for p in parts)
     out["paper_source"] = PAPER_SOURCE
     return out
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:

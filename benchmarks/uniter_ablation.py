@@ -22,13 +22,14 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from course_lib.utils import git_commit, mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "uniter_ablation.json"
@@ -132,10 +133,6 @@ def meta_sum(scores: dict) -> list[float]:
     return [100 * sum(values) for values in zip(*(scores[t] for t in TASKS))]
 
 
-def mean_spread(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def markdown(results: dict) -> str:
     """The table: our mean ± std per task and their sum, and the paper's columns."""
     head = ("| line | objectives | retrieval R@1 | VQA | grounding acc@0.5 | sum (%) | WRA alignment | paper: Meta-Sum "
@@ -154,18 +151,6 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def commit() -> str:
-    """The commit measured, with ``+uncommitted`` when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted" if dirty else "")
-
-
 def run(protocol: dict, out: Path, command: str, log=print) -> dict:
     from course_lib.evaluate.region_tasks import chance_levels
 
@@ -174,7 +159,7 @@ def run(protocol: dict, out: Path, command: str, log=print) -> dict:
         raise ValueError(f"unknown lines {unknown}; valid lines are {list(LINES)}")
     start = time.perf_counter()
     tokenizer, data = build_data(protocol)
-    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": commit(),
+    results = {"command": command, "date": datetime.date.today().isoformat(), "commit": git_commit(),
                "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, "
                           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}",
                "protocol": {k: v for k, v in protocol.items() if k != "lines"}, "world": WORLD, "model": MODEL_SIZE,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+
+from course_lib.utils import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 # The notebook's RUN["cpu"] (notebooks_src/14_vilbert_12in1.py): change both together.
@@ -103,14 +104,9 @@ def main(argv=None) -> dict:
     for seed in range(args.seeds):
         seeds.append(one_seed(run, tokenizer, data, seed))
         print(f"seed {seed}: {json.dumps(seeds[-1])}  ({time.perf_counter() - start:.0f} s)", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     tasks = list(seeds[0]["multi"])
     results = {"command": "python benchmarks/vilbert_multitask.py" + (" --small" if args.small else "")
-               + f" --seeds={args.seeds}", "commit": commit, "date": date.today().isoformat(),
+               + f" --seeds={args.seeds}", "commit": git_commit(), "date": date.today().isoformat(),
                "total_seconds": round(time.perf_counter() - start, 1), "protocol": run, "tasks": tasks,
                "multi": {t: [s["multi"][t] for s in seeds] for t in tasks},
                "single": {t: [s["single"][t] for s in seeds] for t in tasks},

@@ -63,3 +63,29 @@ def check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def mean_spread(values, digits: int = 3) -> str:
+    """``"mean ± std"`` of the values that are not ``None`` (``"n/a"`` when none): a table cell of seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def git_commit(root=None) -> str:
+    """The commit measured (short hash), with ``+uncommitted`` when tracked files differ from it; ``"unknown"``
+    outside a git checkout. What a benchmark writes beside its numbers."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted" if dirty else "")
