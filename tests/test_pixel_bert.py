@@ -110,9 +110,10 @@ def test_forward_gives_mlm_and_itm_and_trains_the_cnn_end_to_end(batch):
 
 def test_itm_negatives_get_another_rows_image_and_mlm_scores_matched_pairs(batch, monkeypatch):
     import course_lib.models.pixel_bert as pixel_bert
+    import course_lib.models.region_bert as region_bert
 
     seen = {}
-    original_swap, original_mask = pixel_bert.swap_images, pixel_bert.mask_caption
+    original_swap, original_mask = region_bert.swap_images, pixel_bert.mask_caption
 
     def recording_swap(b, swapped, generator=None):
         out = original_swap(b, swapped, generator)
@@ -124,7 +125,7 @@ def test_itm_negatives_get_another_rows_image_and_mlm_scores_matched_pairs(batch
         seen.update(rows=rows, labels=labels)
         return masked, labels
 
-    monkeypatch.setattr(pixel_bert, "swap_images", recording_swap)
+    monkeypatch.setattr(region_bert, "swap_images", recording_swap)  # what itm_negatives calls
     monkeypatch.setattr(pixel_bert, "mask_caption", recording_mask)
     tiny()(batch)
     swapped = seen["swapped"]

@@ -133,16 +133,16 @@ def test_overlapping_regions_by_hand():
 
 @pytest.mark.parametrize("on_negatives", [False, True])
 def test_no_masked_modelling_on_negative_pairs(batch, monkeypatch, on_negatives):
-    import course_lib.models.vilbert as vilbert
+    import course_lib.models.region_bert as region_bert
 
     seen = {}
-    original = vilbert.swap_images
+    original = region_bert.swap_images
 
     def recording_swap(b, swapped, generator=None):
         seen["swapped"] = swapped.clone()
         return original(b, swapped, generator)
 
-    monkeypatch.setattr(vilbert, "swap_images", recording_swap)
+    monkeypatch.setattr(region_bert, "swap_images", recording_swap)  # what itm_negatives calls
     model = tiny(masked_on_negatives=on_negatives, mask_prob=0.5, region_mask_prob=0.5)
     texts, images = {}, {}
     monkeypatch.setattr(model, "objective_losses", lambda out, b, labels, targets, matched: (

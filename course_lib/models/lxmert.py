@@ -60,7 +60,7 @@ from course_lib.features.text import TextEmbeddings
 from course_lib.fusion.cross_modality import CrossModalityFusion
 from course_lib.fusion.hf_import import lxmert_fusion_rules
 from course_lib.models.region_bert import (REGION_SIZES, RegionBert, RegionBertConfig, check_region_batch,
-                                          draw_mismatched, mask_caption)
+                                          itm_negatives, mask_caption)
 from course_lib.objectives.itm import itm_loss, sample_random_negatives
 from course_lib.objectives.mlm import masked_lm_loss
 from course_lib.presets import apply_overrides, get_preset
@@ -264,17 +264,9 @@ class LXMERT(RegionBert):
         c = self.config
         check_region_batch(batch, c)
         B = batch["input_ids"].shape[0]
-        device = batch["input_ids"].device
         if "answers" in batch:
             check_shape("answers", batch["answers"], (B,))
-        swapped = torch.zeros(B, dtype=torch.bool, device=device)
-        if c.itm_weight > 0:
-            if B < 2:
-                raise ValueError("cross-modality matching needs a batch of at least 2 pairs to draw another "
-                                 "sentence from")
-            swapped = draw_mismatched(B, c.itm_prob, device)
-            batch = swap_sentences(batch, swapped)
-        matched = ~swapped
+        batch, matched = itm_negatives(batch, c.itm_weight, c.itm_prob, swap_sentences, "sentence")
         ids, labels = batch["input_ids"], None
         if c.mlm_weight > 0:
             scored_rows = torch.ones_like(matched) if c.masked_loss_on_mismatched else matched

@@ -50,7 +50,7 @@ from course_lib.features.pixel_sampling import PixelSampler
 from course_lib.features.text import PAD_ID
 from course_lib.fusion.base import FusionOutput
 from course_lib.fusion.single_stream import SingleStreamFusion
-from course_lib.models.region_bert import SPECIAL_IDS, draw_mismatched, mask_caption, swap_images
+from course_lib.models.region_bert import SPECIAL_IDS, itm_negatives, mask_caption
 from course_lib.nn import init_weights
 from course_lib.objectives.itm import itm_loss
 from course_lib.objectives.mlm import MLMHead, masked_lm_loss
@@ -238,22 +238,16 @@ class PixelBert(nn.Module):
     def forward(self, batch: dict) -> dict:
         c = self.config
         check_pixel_batch(batch, c)
-        B = batch["input_ids"].shape[0]
-        swapped = torch.zeros(B, dtype=torch.bool, device=batch["input_ids"].device)
-        if c.itm_weight > 0:
-            if B < 2:
-                raise ValueError("ITM needs a batch of at least 2 pairs to draw a mismatched image from")
-            swapped = draw_mismatched(B, c.itm_prob, swapped.device)
-            batch = swap_images(batch, swapped)  # the images of the swapped rows come from other rows
+        batch, matched = itm_negatives(batch, c.itm_weight, c.itm_prob)  # swapped rows get other rows' images
         ids, labels = batch["input_ids"], None
         if c.mlm_weight > 0:
-            ids, labels = mask_caption(batch["input_ids"], batch["attention_mask"], ~swapped, c.vocab_size,
+            ids, labels = mask_caption(batch["input_ids"], batch["attention_mask"], matched, c.vocab_size,
                                        c.mask_prob)
         out = self.encode(batch, ids, sample=True)
         losses = {}
         if c.mlm_weight > 0:
             losses["mlm"] = masked_lm_loss(self.mlm_head(out.text), labels)
         if c.itm_weight > 0:
-            losses["itm"] = itm_loss(self.itm_head(out.pooled), (~swapped).long())
+            losses["itm"] = itm_loss(self.itm_head(out.pooled), matched.long())
         total = c.mlm_weight * losses.get("mlm", 0.0) + c.itm_weight * losses.get("itm", 0.0)
         return {"loss": total, **losses}

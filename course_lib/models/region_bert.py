@@ -157,6 +157,20 @@ def draw_mismatched(batch_size: int, prob: float, device=None) -> torch.Tensor:
     return swapped
 
 
+def itm_negatives(batch: dict, itm_weight: float, itm_prob: float, swap=None, other: str = "image"):
+    """``(batch, matched (B,) bool)``: with ITM on (``itm_weight > 0``), the pairs drawn by
+    :func:`draw_mismatched` get another row's ``other`` through ``swap(batch, swapped)`` (default
+    :func:`swap_images`; LXMERT swaps the sentence); with ITM off, the batch as given, every pair matched."""
+    B = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    if itm_weight <= 0:
+        return batch, torch.ones(B, dtype=torch.bool, device=device)
+    if B < 2:
+        raise ValueError(f"ITM needs a batch of at least 2 pairs to draw a mismatched {other} from, got {B}")
+    swapped = draw_mismatched(B, itm_prob, device)
+    return (swap or swap_images)(batch, swapped), ~swapped
+
+
 def swap_images(batch: dict, swapped: torch.Tensor, generator: torch.Generator | None = None) -> dict:
     """The ITM negatives: rows ``swapped (B,)`` get every region key of another row of the batch.
 
@@ -271,15 +285,7 @@ class RegionBert(nn.Module):
     def forward(self, batch: dict) -> dict:
         c = self.config
         check_region_batch(batch, c)
-        B = batch["input_ids"].shape[0]
-        device = batch["input_ids"].device
-        swapped = torch.zeros(B, dtype=torch.bool, device=device)
-        if c.itm_weight > 0:
-            if B < 2:
-                raise ValueError("ITM needs a batch of at least 2 pairs to draw a mismatched image from")
-            swapped = draw_mismatched(B, c.itm_prob, device)
-            batch = swap_images(batch, swapped)
-        matched = ~swapped
+        batch, matched = itm_negatives(batch, c.itm_weight, c.itm_prob)
         losses = {}
         ids, labels = batch["input_ids"], None
         if c.mlm_weight > 0:

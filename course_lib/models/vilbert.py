@@ -54,7 +54,7 @@ from course_lib.features.text import TextEmbeddings
 from course_lib.fusion.base import FusionOutput
 from course_lib.fusion.dual_stream import DualStreamFusion
 from course_lib.models.region_bert import (REGION_SIZES, RegionBert, RegionBertConfig, check_region_batch,
-                                          draw_mismatched, hide_regions, mask_caption, swap_images)
+                                          hide_regions, itm_negatives, mask_caption)
 from course_lib.objectives.itm import itm_loss
 from course_lib.objectives.mlm import MLMHead, masked_lm_loss
 from course_lib.objectives.mvm import region_class_loss_kl
@@ -241,15 +241,7 @@ class ViLBERT(RegionBert):
     def forward(self, batch: dict) -> dict:
         c = self.config
         check_region_batch(batch, c)
-        B = batch["input_ids"].shape[0]
-        device = batch["input_ids"].device
-        swapped = torch.zeros(B, dtype=torch.bool, device=device)
-        if c.itm_weight > 0:
-            if B < 2:
-                raise ValueError("ITM needs a batch of at least 2 pairs to draw a mismatched image from")
-            swapped = draw_mismatched(B, c.itm_prob, device)
-            batch = swap_images(batch, swapped)
-        matched = ~swapped
+        batch, matched = itm_negatives(batch, c.itm_weight, c.itm_prob)
         rows = torch.ones_like(matched) if c.masked_on_negatives else matched
         ids, labels = batch["input_ids"], None
         if c.mlm_weight > 0:
