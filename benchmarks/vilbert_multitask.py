@@ -1,7 +1,7 @@
 """12-in-1's claim on ShapeWorld: one multi-task ViLBERT against one model per task, on every task, over seeds.
 
 For each seed: pretrain ViLBERT (MLM + MRC-kl + ITM, 12-in-1's overlap masking) on the same scenes as
-notebook 14, then fine-tune copies of it (``course_lib.models.multitask.compare_multitask``): one on the four
+notebook 14, then fine-tune copies of it (``course_lib.evaluate.multitask.compare_multitask``): one on the four
 tasks at once (retrieval, VQA, grounding, NLVR-like; round-robin with dynamic stop-and-go) and one per task,
 the same iterations. Seed 0 is what the notebook runs live; its numbers must equal the committed ones.
 
@@ -63,14 +63,14 @@ def pretrain(run: dict, tokenizer, data: dict, seed: int = 0, device=None, **ove
 
 
 def budget(run: dict):
-    from course_lib.models.multitask import MultiTaskBudget
+    from course_lib.evaluate.multitask import MultiTaskBudget
 
     return MultiTaskBudget(iterations=run["iterations"], batch_size=run["task_batch"], lr=run["task_lr"],
                            warmup=min(10, run["iterations"]), eval_every=run["eval_every"])
 
 
 def one_seed(run: dict, tokenizer, data: dict, seed: int) -> dict:
-    from course_lib.models.multitask import compare_multitask
+    from course_lib.evaluate.multitask import compare_multitask
 
     model, _ = pretrain(run, tokenizer, data, seed)
     return compare_multitask(model, data["train"], data["val"], data["test"], data["num_answers"], budget(run), seed)

@@ -73,7 +73,7 @@ from course_lib.data import ShapeWorld, WorldConfig
 from course_lib.data.datasets import build_tokenizer
 from course_lib.data.multitask import duplicate_detections, shapeworld_multitask
 from course_lib.evaluate.region_tasks import batch_sampler, rows
-from course_lib.models.multitask import MultiTaskBudget, StopAndGo, compare_multitask
+from course_lib.evaluate.multitask import MultiTaskBudget, StopAndGo, compare_multitask
 from course_lib.models.registry import build_model
 from course_lib.models.vilbert import overlapping_regions
 from course_lib.train import TrainConfig, train
@@ -433,7 +433,7 @@ assert_learned(gap > 0.03, f"without the overlap rule, MRC accuracy with the dup
 # %% [markdown]
 # ## 6. 12-in-1: one model for four tasks, or four models?
 #
-# From the pretrained ViLBERT, two ways to fine-tune (`course_lib.models.multitask`):
+# From the pretrained ViLBERT, two ways to fine-tune (`course_lib.evaluate.multitask`):
 #
 # - **one model per task**: a copy of the pretrained model and that task's head, trained on that task;
 # - **one multi-task model**: one copy with the four heads (retrieval: the ITM head; VQA: an MLP on the pooled

@@ -15,7 +15,7 @@ from course_lib.data.multitask import (CachedRegions, clean_train_sets, duplicat
 from course_lib.data.regions import ShapeWorldRegions
 from course_lib.evaluate.boxes import box_iou
 from course_lib.fusion.dual_stream import DualStreamFusion
-from course_lib.models.multitask import TASKS, MultiTaskModel, StopAndGo
+from course_lib.evaluate.multitask import TASKS, MultiTaskModel, StopAndGo
 from course_lib.models.registry import build_model
 from course_lib.models.vilbert import ViLBERTConfig, overlapping_regions
 from course_lib.objectives.mlm import IGNORE_INDEX

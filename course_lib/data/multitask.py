@@ -1,4 +1,4 @@
-"""Data for 12-in-1's multi-task training on ShapeWorld (notebook 14, ``course_lib.models.multitask``).
+"""Data for 12-in-1's multi-task training on ShapeWorld (notebook 14, ``course_lib.evaluate.multitask``).
 
 - :func:`nlvr_pairs`: an NLVR2-like task, two images and one statement, "is it true of both?";
 - :func:`clean_train_sets`: 12-in-1's clean splits: no test image of any task in any task's training;

@@ -12,9 +12,11 @@
   a pooled output, one output per region);
 - ``two_stage``: ALBEF's two-stage retrieval (ITC picks the top k, the ITM head re-ranks them);
 - ``zero_shot``: zero-shot classification with prompt ensembles, the linear probe, and the binding test on
-  attribute-swapped captions (CLIP, notebook 22).
+  attribute-swapped captions (CLIP, notebook 22);
+- ``multitask``: 12-in-1's fine-tuning of one model on several tasks at once (task heads, round robin with
+  stop-and-go) against one model per task (notebook 14; import it from ``course_lib.evaluate.multitask``).
 
-Everything public is importable from here: ``from course_lib.evaluate import recall_at_k``.
+Everything else public is importable from here: ``from course_lib.evaluate import recall_at_k``.
 """
 
 from course_lib.evaluate.boxes import box_iou, grounding_accuracy
