@@ -79,8 +79,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             server.truncate_once.discard(path)
             body = body[: len(body) // 2]
             self.close_connection = True
+        server.sent.append((path, len(body)))  # before writing: the client may finish before a later append
         self.wfile.write(body)
-        server.sent.append((path, len(body)))
 
     def log_message(self, *args):
         pass
